@@ -34,6 +34,7 @@ from unisteer.data import (
     read_pairs,
 )
 from unisteer.errors import ConfigError, DataError, ModelError
+from unisteer.hf_compat import cache_kwargs, output_cache
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 BAD = FIXTURES / "bad"
@@ -436,8 +437,8 @@ def test_prompt_cache_then_completion_batch_matches_full_sequences(smol_tokenize
     prompt_out = tiny_model(**prompts.model_inputs(), use_cache=True)
     for side in ("positive", "negative"):
         comp = collate_completions(encoded, side, pad_token_id=encoder.pad_token_id)
-        cache = copy.deepcopy(prompt_out.past_key_values)
-        out = tiny_model(input_ids=comp.input_ids, position_ids=comp.position_ids, past_key_values=cache,
+        cache = copy.deepcopy(output_cache(prompt_out))
+        out = tiny_model(input_ids=comp.input_ids, position_ids=comp.position_ids, **cache_kwargs(tiny_model, cache),
                          attention_mask=torch.cat([prompts.attention_mask, comp.attention_mask], dim=1)).logits
         full = collate_pairs(encoded, side, pad_token_id=encoder.pad_token_id)
         full_logits = tiny_model(**full.model_inputs()).logits

@@ -70,6 +70,7 @@ from .data import (
 )
 from .errors import ConfigError, DataError, UnisteerError
 from .fitting import DecayFit, FitError, fit_preference, fit_utility, score
+from .hf_compat import cache_kwargs, fill_layers, new_cache
 from .hooks import Steering
 from .logodds import VARIANTS, AggregatedCurve, aggregate_per_multiplier, compute_log_odds
 from .manifold import METRICS, ManifoldReference, build_reference, correlate
@@ -324,24 +325,21 @@ _STAGES = ("prefix", "suffix", "completion")
 
 def _run_stack(model: nn.Module, batch_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                cache: Any) -> torch.Tensor:
-    output = stack_owner(model)(input_ids=batch_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True)
+    stack = stack_owner(model)
+    output = stack(input_ids=batch_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **cache_kwargs(stack, cache))
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
 def _fill_skipped_layers(cache: Any, start_layer: int, rows: int, width: int, like: torch.Tensor) -> None:
     """Give the skipped layers' cache the length of the tokens just run (never read, see module doc)."""
-    placeholder = torch.zeros((rows, 1, width, 1), dtype=like.dtype, device=like.device)
-    for layer in range(start_layer):
-        cache.update(placeholder, placeholder, layer)
+    fill_layers(cache, range(start_layer), rows, width, like)
 
 
 @torch.no_grad()
 def _paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steering: Steering | None = None,
                  input_layers: Sequence[int] = (), output_layers: Sequence[int] = ()) -> _PassResult:
     """Shared prefix once per multiplier, each prompt's suffix once, then both completions on that cache."""
-    from transformers import DynamicCache
-
     if start_layer > 0 and rows.inputs is None:
         raise UnisteerError("a pass that starts above layer 0 needs the recorded layer inputs")
     if input_layers and start_layer > 0:
@@ -349,7 +347,7 @@ def _paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steerin
     device = next(model.parameters()).device
     n_groups, n_rows, width = rows.groups.numel(), rows.suffix.input_ids.shape[0], rows.prefix_ids.numel()
     suffix, completions = rows.suffix.to(device), rows.completions.to(device)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     prefix_mask = torch.ones((n_rows, width), dtype=suffix.attention_mask.dtype, device=device)
     suffix_mask = torch.cat([prefix_mask, suffix.attention_mask], 1)
     completion_mask = torch.cat([suffix_mask.repeat_interleave(2, 0), completions.attention_mask], 1)

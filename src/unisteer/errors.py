@@ -21,3 +21,7 @@ class ModelError(UnisteerError):
 
 class UpdateMismatchError(UnisteerError):
     """A saved update does not fit the model it is being attached to."""
+
+
+class PositionError(UnisteerError):
+    """The token positions of a forward call cannot be determined (so position-restricted steering refuses)."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from .architecture import model_structure
 from .errors import ConfigError, UnisteerError
+from .hf_compat import bound_arguments, call_positions
 from .storage import check_compatible
 from .updates import Positions, Update
 
@@ -35,9 +36,10 @@ class _CallState:
     """What the current forward call tells us about token positions."""
 
     token_index: torch.Tensor | None = None  # [batch, new_tokens] absolute index among real tokens
-    past_length: int = 0
+    past_length: int | None = 0
     batch: int = 0
     new_tokens: int = 0
+    problem: str = ""  # why token_index is None, when it is
 
 
 class Steering:
@@ -147,33 +149,33 @@ class Steering:
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _on_stack_call(self, module, args, kwargs):
-        hidden_like = kwargs.get("input_ids")
-        if hidden_like is None:
-            hidden_like = kwargs.get("inputs_embeds")
-        if hidden_like is None and args:
-            hidden_like = args[0]
-        if hidden_like is None:
-            raise UnisteerError("Steering: cannot find input_ids or inputs_embeds in the model call")
-        batch, new_tokens = hidden_like.shape[0], hidden_like.shape[1]
-        past = _past_length(kwargs)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape[1] == past + new_tokens:
-            real_index = mask.long().cumsum(-1) - 1
-            token_index = real_index[:, past:]
-            real_counts = mask.long().sum(-1)
-        elif mask is None:
-            token_index = torch.arange(past, past + new_tokens, device=hidden_like.device).expand(batch, -1)
-            real_counts = torch.full((batch,), past + new_tokens, device=hidden_like.device)
-        else:
-            token_index = None  # only "all" positions can be served; checked where positions are used
-            real_counts = None
+        call = call_positions(bound_arguments(module, args, kwargs))
+        token_index = real_counts = None
+        if call.past_length is not None:
+            past, device = call.past_length, self._device_of(args, kwargs)
+            if call.attention_mask is not None:
+                real_index = call.attention_mask.long().cumsum(-1) - 1
+                token_index = real_index[:, past:]
+                real_counts = call.attention_mask.long().sum(-1)
+            else:
+                token_index = torch.arange(past, past + call.new_tokens, device=device).expand(call.batch, -1)
+                real_counts = torch.full((call.batch,), past + call.new_tokens, device=device)
         # A call with an empty cache starts a new sequence, so its real tokens are the prompt. Calls that run
         # without a cache (use_cache=False generation) re-send the growing sequence from position 0; they
         # keep the prompt lengths of the first such call instead of treating generated tokens as prompt.
-        starts_sequence = past == 0 and (kwargs.get("use_cache") is not False or self._prompt_lengths is None)
+        starts_sequence = call.past_length == 0 and (call.uses_cache or kwargs.get("use_cache") is not False
+                                                     or self._prompt_lengths is None)
         if starts_sequence and not self._explicit_prompt_lengths:
             self._prompt_lengths = real_counts
-        self._state = _CallState(token_index=token_index, past_length=past, batch=batch, new_tokens=new_tokens)
+        self._state = _CallState(token_index=token_index, past_length=call.past_length, batch=call.batch,
+                                 new_tokens=call.new_tokens, problem=call.problem)
+
+    @staticmethod
+    def _device_of(args, kwargs) -> torch.device:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                return value.device
+        return torch.device("cpu")
 
     def _make_capture_hook(self, layer: int):
         def capture(module, args):
@@ -231,8 +233,9 @@ class Steering:
         index = self._state.token_index
         if index is None:
             raise UnisteerError(
-                f"positions={positions}: cannot locate tokens because the attention mask is not a 2-D mask "
-                "covering cached and new tokens; pass a standard 2-D attention_mask"
+                f"positions={positions}: cannot locate the tokens of this forward call: "
+                f"{self._state.problem or 'no 2-D attention mask covering cached and new tokens'}. "
+                "Pass a 2-D attention_mask (past + new tokens) or use positions='all'"
             )
         if index.shape[1] != hidden.shape[1]:
             raise UnisteerError("positions: hidden states and input tokens disagree in length")
@@ -253,13 +256,3 @@ class Steering:
 def _stack_owner(model: nn.Module, layers_path: str) -> nn.Module:
     parent = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
     return model.get_submodule(parent)
-
-
-def _past_length(kwargs) -> int:
-    cache_position = kwargs.get("cache_position")
-    if cache_position is not None and cache_position.numel() > 0:
-        return int(cache_position[0])
-    past = kwargs.get("past_key_values")
-    if past is not None and hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return 0

@@ -24,13 +24,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from .errors import UnisteerError
+from .hf_compat import cache_is_joinable, cache_kwargs, drop_leading_columns, join_left_padded, new_cache
 from .hooks import Steering
 from .updates import Update
 
@@ -386,7 +386,7 @@ class _Live:
     """The rows being decoded and their shared KV cache, attention mask and pending next-token logits."""
 
     states: list[_RowState]
-    cache: DynamicCache
+    cache: Any  # a transformers KV cache (see hf_compat)
     mask: torch.Tensor  # [rows, cached + pending tokens], left-padded
     logits: torch.Tensor  # [rows, vocab]: each row's next token is chosen from these
 
@@ -432,49 +432,48 @@ class _BatchRun:
         self.states += states
         input_ids, mask = _left_padded([s.job.prompt_ids for s in states], self.owner.pad_id, self.owner.device)
         self._resteer(states)
-        cache = DynamicCache(config=self.owner.model.config)
+        model = self.owner.model
+        cache = new_cache(model)
         extra = {"logits_to_keep": 1} if self.owner.accepts_logits_to_keep else {}
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.owner.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True, **extra)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **cache_kwargs(model, cache), **extra)
         self.owner.stats.add_rows(len(states), len(states))
         return _Live(states, cache, mask, out.logits[:, -1, :])
 
     def _stepped(self, live: _Live, tokens: torch.Tensor) -> _Live:
         mask = torch.cat([live.mask, live.mask.new_ones(live.mask.shape[0], 1)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
-        out = self.owner.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                               past_key_values=live.cache, use_cache=True)
+        model = self.owner.model
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                    **cache_kwargs(model, live.cache))
         return _Live(live.states, live.cache, mask, out.logits[:, -1, :])
 
     def _narrowed(self, live: _Live, index: torch.Tensor) -> _Live:
         live.cache.batch_select_indices(index)
         mask = live.mask[index]
-        if _joinable(live.cache):
+        if cache_is_joinable(live.cache):
             # Columns that are padding in every remaining row (a long row left) are dropped from the cache.
             padding = int((mask.cumsum(-1) == 0).sum(-1).min())
             if padding:
                 mask = mask[:, padding:]
-                for layer in live.cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, padding:], layer.values[:, :, padding:]
+                drop_leading_columns(live.cache, padding)
         states = [live.states[i] for i in index.tolist()]
         self._resteer(states)
         return _Live(states, live.cache, mask, live.logits[index])
 
     def _admit_waiting(self, live: _Live) -> _Live:
         room = self.owner.config.max_batch_size - len(live.states)
-        if room <= 0 or not _joinable(live.cache) or self.owner.stopping:
+        if room <= 0 or not cache_is_joinable(live.cache) or self.owner.stopping:
             return live
         rows = self.owner.queue.take_waiting(room)
         if not rows:
             return live
         newcomers = self._prefill(rows)
-        if not _joinable(newcomers.cache):
+        if not cache_is_joinable(newcomers.cache):
             raise RuntimeError("the prefill cache of joining rows has an unexpected layout")
         width = max(live.mask.shape[1], newcomers.mask.shape[1])
-        for old, new in zip(live.cache.layers, newcomers.cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
-            old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
+        join_left_padded(live.cache, newcomers.cache, width)
         mask = torch.cat([_pad_left(live.mask, width), _pad_left(newcomers.mask, width)])
         states = live.states + newcomers.states
         self._resteer(states)
@@ -527,19 +526,9 @@ class _BatchRun:
         return keep, produced
 
 
-def _joinable(cache: DynamicCache) -> bool:
-    # Plain growing layers can be left-padded and concatenated; sliding-window and other layouts cannot.
-    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
-
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad the sequence dimension (dim 1 of a mask, dim 2 of keys/values) on the left to `width`."""
-    seq_dim = 1 if tensor.dim() == 2 else 2
-    missing = width - tensor.shape[seq_dim]
-    if missing == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - seq_dim) + [missing, 0]
-    return torch.nn.functional.pad(tensor, pad)
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad a 2-D attention mask on the left to `width` columns."""
+    return torch.nn.functional.pad(mask, [width - mask.shape[1], 0])
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device):

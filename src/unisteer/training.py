@@ -48,6 +48,7 @@ from .architecture import check_layer_index, model_structure
 from .config import to_dict
 from .data import IGNORE_INDEX, EncodedPair, PairDataset, PairEncoder, PolarityPair, collate_pairs
 from .errors import ConfigError, DataError, UnisteerError
+from .hf_compat import cache_kwargs, output_cache
 from .hooks import Steering
 from .objectives import (
     NEEDS_REFERENCE,
@@ -332,7 +333,7 @@ class _Scorer:
                 output = stack_owner(model)(input_ids=ids, attention_mask=torch.ones_like(ids),
                                             position_ids=torch.arange(ids.shape[1], device=self.device)[None],
                                             use_cache=True)
-            self.prefix_cache = output.past_key_values
+            self.prefix_cache = output_cache(output)
 
     def scores(self, indices: Sequence[int], steering: Steering | None, multipliers: torch.Tensor | None, *,
                after_prefix: bool) -> CompletionScores:
@@ -373,7 +374,7 @@ class _Scorer:
         past.batch_repeat_interleave(rows)
         with layers_from(self.model, self.layer, hidden_in):
             hidden = final_hidden(self.model, batch["input_ids"].to(self.device), mask, position_ids=positions,
-                                  past_key_values=past)
+                                  **cache_kwargs(stack_owner(self.model), past))
         return completion_nll_from_hidden(self.model, hidden, batch["labels"].to(self.device))
 
 
