@@ -91,6 +91,22 @@ def test_merge_matches_hooks_where_spec_says(arch, form, insertion):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_mergeability_probe_holds_in_bf16(arch):
+    """bf16 rounding must not make a Llama-style block look unmergeable (it refused SmolLM2 in bf16)."""
+    model = tiny_model(arch, dtype=torch.bfloat16)
+    assert block_output_equals_down_proj(model, LAYER) == (arch in BLOCK_EQUALS_DOWN_PROJ)
+    if arch in BLOCK_EQUALS_DOWN_PROJ:
+        update = randomized(create_update(model, "vector", LAYER, seed=0))
+        ids = batch_ids()
+        with Steering(model, update, multiplier=1.0):
+            hooked = model(input_ids=ids).logits.float()
+        handle = merge(model, update, 1.0)
+        merged = model(input_ids=ids).logits.float()
+        handle.restore()
+        assert (merged - hooked).abs().max() <= 0.05 * (hooked.abs().max() + 1)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("form", FORMS)
 def test_per_row_multiplier_equals_separate_calls(arch, form):
     model, update = make(arch, form)

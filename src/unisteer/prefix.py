@@ -38,25 +38,43 @@ class _PassThrough(nn.Module):
 
 
 @torch.no_grad()
-def capture_layer_input(model: nn.Module, layer: int, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Hidden states entering decoder layer `layer` ([batch, seq, d]), computed without running layers ≥ L."""
-    structure = model_structure(model)
-    check_layer_index(layer, structure.num_layers)
+def run_until(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None, *, capture: str = "output") -> torch.Tensor:
+    """Run `model` only until `module` is reached and return that module's first input or first output.
+
+    Nothing after `module` runs: the forward pass is stopped by an exception from the hook.
+    """
+    if capture not in ("input", "output"):
+        raise ValueError(f"capture: expected 'input' or 'output', got {capture!r}")
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+    def on_input(mod, args, kwargs):
+        captured["value"] = args[0] if args else kwargs["hidden_states"]
         raise _StopForward
 
-    handle = structure.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    def on_output(mod, args, output):
+        captured["value"] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    handle = (module.register_forward_pre_hook(on_input, with_kwargs=True) if capture == "input"
+              else module.register_forward_hook(on_output))
     try:
         final_hidden(model, input_ids, attention_mask)
     except _StopForward:
         pass
     finally:
         handle.remove()
-    return captured["hidden"]
+    if "value" not in captured:
+        raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
+    return captured["value"]
+
+
+def capture_layer_input(model: nn.Module, layer: int, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden states entering decoder layer `layer` ([batch, seq, d]), computed without running layers ≥ L."""
+    structure = model_structure(model)
+    check_layer_index(layer, structure.num_layers)
+    return run_until(model, structure.layers[layer], input_ids, attention_mask, capture="input")
 
 
 @contextmanager
