@@ -12,7 +12,7 @@ from unisteer.errors import ModelError
 
 def test_incomplete_cache_folder_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("UNISTEER_CACHE", str(tmp_path))
-    (tmp_path / "models" / "smollm2-135m-instruct").mkdir(parents=True)
+    models.alias_folder("smollm2-135m-instruct").mkdir(parents=True)
     with pytest.raises(ModelError, match="incomplete"):
         models.ensure_alias("smollm2-135m-instruct")
 
@@ -23,7 +23,7 @@ def test_failed_download_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypat
     monkeypatch.setitem(models.ALIASES, "bogus", bogus)
     with pytest.raises(ModelError, match="could not download"):
         models.ensure_alias("bogus")
-    assert not (tmp_path / "models" / "bogus").exists()
+    assert not models.alias_folder("bogus").exists()
     assert not list((tmp_path / "gguf").glob("*")) if (tmp_path / "gguf").exists() else True
 
 

