@@ -8,6 +8,7 @@
 """
 
 from .architecture import ModelStructure, model_structure
+from .data import PairDataset, PolarityPair
 from .errors import ConfigError, DataError, ModelError, UnisteerError, UpdateMismatchError
 from .hooks import Steering
 from .merge import MergedUpdate, merge
@@ -15,6 +16,7 @@ from .models import ALIASES, DEFAULT_MODEL, load_model
 from .prefix import capture_layer_input, run_from_layer
 from .scoring import CompletionScores, completion_nll
 from .storage import export_peft_adapter, load_update, save_update
+from .training import diffmean_update
 from .updates import (
     FORMS,
     INSERTIONS,
@@ -42,6 +44,8 @@ __all__ = [
     "MergedUpdate",
     "ModelError",
     "ModelStructure",
+    "PairDataset",
+    "PolarityPair",
     "Positions",
     "Steering",
     "UnisteerError",
@@ -52,6 +56,7 @@ __all__ = [
     "capture_layer_input",
     "completion_nll",
     "create_update",
+    "diffmean_update",
     "export_peft_adapter",
     "load_model",
     "load_update",

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -473,7 +473,7 @@ class ResponseCache:
             "text": text,
             "model": model,
             "base_url": base_url,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:

@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +302,7 @@ def _manifold_note(fits: SweepFits, update: str, variant: str, split: str) -> st
 
 def _document(fits: SweepFits, variant: str, plots: list[tuple[str, Path]]) -> list[_Block]:
     info = fits.info
-    blocks = [_Block("p", f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {fits.out_dir}. "
+    blocks = [_Block("p", f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from {fits.out_dir}. "
                           f"Log-odds variant shown: <b>{variant}</b> "
                           f"({'sequence sums, the exact definition' if variant == 'sum' else 'per-token means'}); "
                           "both variants are in the tables and CSV files.")]

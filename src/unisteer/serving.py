@@ -321,7 +321,7 @@ class _Submission:
         while pending:
             try:
                 event = await asyncio.wait_for(self.events.get(), timeout=_DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 # A client that gave up (e.g. its timeout) should not keep a batch slot busy.
                 if await request.is_disconnected():
                     raise _ClientGone() from None
