@@ -55,10 +55,18 @@ def test_pipeline_end_to_end_tiny(capsys, tmp_path, default_model):
     assert code == 0, err
     run = tmp_path / "run"
     assert (run / "sweep" / "report.html").is_file() and (run / "summary.md").is_file()
+    report = (run / "report.html").read_text()
+    assert report.index("Finding") < report.index("Table 3") < report.index("Settings")  # show, then tell
     summary = json.loads((run / "summary.json").read_text())
     assert [row["cell"] for row in summary["rows"]] == ["vanilla", "diffmean-vector", "split-vector"]
-    for row in summary["rows"]:
-        assert 0.0 <= row["test_accuracy"] <= 1.0
+    assert 0.0 <= summary["rows"][0]["m0"]["accuracy"] <= 1.0
+    for row in summary["rows"][1:]:
+        assert row["toward"]["multiplier"] >= 0 >= row["away"]["multiplier"]
+        assert 0.0 <= row["toward"]["accuracy"] <= 1.0 and "balanced_accuracy" in row["toward"]
+    rendering = json.loads((run / "rendering.json").read_text())
+    assert rendering["chosen_by"] == "measurement" and rendering["rendering"]["completion_space"] == "join"
+    trained = json.loads((run / "cells" / "split-vector" / "update" / "update.json").read_text())["spec"]["training"]
+    assert len(trained["data"]["pair_ids"]) == 8 and trained["encoder"]["rendering"]["name"] == "measured"
     stamp = (run / "cells" / "split-vector" / "update" / "update.safetensors").stat().st_mtime_ns
     code, out, err = run_cli(capsys, "run", str(path), "--no-progress")
     assert code == 0, err

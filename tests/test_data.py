@@ -14,12 +14,14 @@ import torch
 
 from unisteer.data import (
     IGNORE_INDEX,
+    RENDERINGS,
     EncodedPair,
     FieldMap,
     GenerationSettings,
     PairDataset,
     PairEncoder,
     PolarityPair,
+    Rendering,
     SplitSpec,
     answer_meta,
     axbench_pairs,
@@ -309,9 +311,9 @@ def test_stratified_split_keeps_proportions():
 
 
 @pytest.mark.real_model
-def test_chat_rendering_suffix_and_common_prefix(smol_tokenizer):
-    encoder = PairEncoder(smol_tokenizer)
-    assert encoder.uses_chat_template and encoder.end_of_turn == "<|im_end|>\n"
+def test_reference_rendering_suffix_and_common_prefix(smol_tokenizer):
+    encoder = PairEncoder(smol_tokenizer, "reference")
+    assert encoder.uses_chat_template and encoder.completion_suffix == encoder.turn_end == "<|im_end|>\n"
     expected = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                                   add_generation_prompt=True)
     assert encoder.render_prompt("Hi") == expected
@@ -324,15 +326,50 @@ def test_chat_rendering_suffix_and_common_prefix(smol_tokenizer):
     pair = encoder.encode(PolarityPair("Do you agree?", " Yes", " No", {"k": 1}))
     end = smol_tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
     assert pair.positive_ids[-len(end):] == end and pair.negative_ids[-len(end):] == end
+    assert pair.answer_length("positive") == len(pair.positive_ids) - len(end)
     assert pair.prompt_ids == encoder.encode_prompt("Do you agree?") and pair.meta == {"k": 1}
     assert smol_tokenizer.decode(pair.prompt_ids + pair.positive_ids) == expected.replace("Hi", "Do you agree?") \
         + " Yes<|im_end|>\n"
-    assert encoder.describe()["common_prefix_length"] == encoder.common_prefix_length
+    described = encoder.describe()
+    assert described["common_prefix_length"] == encoder.common_prefix_length
+    assert described["rendering"] == {"name": "reference", "template": "auto", "completion_space": "keep",
+                                      "end_of_turn": True, "plain_format": "{prompt}"}
+
+
+@pytest.mark.real_model
+def test_natural_rendering_joins_the_answer_and_ends_no_turn(smol_tokenizer, plain_tokenizer):
+    encoder = PairEncoder(smol_tokenizer)  # the default rendering
+    assert encoder.rendering.name == "natural" and encoder.completion_suffix == ""
+    assert encoder.turn_end == "<|im_end|>\n"  # still what stops generation
+    pair = encoder.encode(PolarityPair("Do you agree?", " Yes", " No"))
+    assert pair.positive_ids == smol_tokenizer("Yes", add_special_tokens=False)["input_ids"]
+    assert pair.answer_length("negative") == len(pair.negative_ids)
+    # After plain text the space is how the answer continues the prompt, so "join" keeps it.
+    plain = PairEncoder(plain_tokenizer, "natural")
+    assert plain.encode_answer(" Yes", "Question?") == plain_tokenizer(" Yes", add_special_tokens=False)["input_ids"]
+    stripped = PairEncoder(plain_tokenizer, {"completion_space": "strip"})
+    assert stripped.render_answer(" Yes", "Question?") == "Yes"
+
+
+def test_rendering_parse_and_errors():
+    assert Rendering.parse(None) == RENDERINGS["natural"]
+    assert Rendering.parse("reference").end_of_turn
+    custom = Rendering.parse({"completion_space": "keep", "end_of_turn": False})
+    assert custom.same_choice(Rendering(completion_space="keep", name="x")) and not custom.same_choice(
+        RENDERINGS["reference"])
+    with pytest.raises(ConfigError, match="not one of"):
+        Rendering.parse("fancy")
+    with pytest.raises(ConfigError, match="completion_space"):
+        Rendering(completion_space="trim")
+    with pytest.raises(ConfigError, match="unknown key"):
+        Rendering.parse({"suffix": True})
+    with pytest.raises(ConfigError, match="plain_format"):
+        Rendering(plain_format="no placeholder")
 
 
 @pytest.mark.real_model
 def test_truncation_keeps_completions_template_head_and_generation_prompt(smol_tokenizer):
-    encoder = PairEncoder(smol_tokenizer, max_length=48)
+    encoder = PairEncoder(smol_tokenizer, "reference", max_length=48)
     long_prompt = " ".join(f"word{i}" for i in range(200))
     pair = encoder.encode(PolarityPair(long_prompt, "Short yes.", "A somewhat longer no answer."))
     assert pair.truncated and encoder.truncated_count == 1
@@ -350,18 +387,18 @@ def test_truncation_keeps_completions_template_head_and_generation_prompt(smol_t
 
 @pytest.mark.real_model
 def test_plain_text_fallback_without_chat_template(plain_tokenizer):
-    encoder = PairEncoder(plain_tokenizer)
+    encoder = PairEncoder(plain_tokenizer, "reference")
     assert not encoder.uses_chat_template
     assert encoder.render_prompt("Question?") == "Question?"
-    assert encoder.end_of_turn == plain_tokenizer.eos_token == "<|im_end|>"
+    assert encoder.completion_suffix == plain_tokenizer.eos_token == "<|im_end|>"
     assert encoder.common_prefix_length == 0  # SmolLM2 adds no BOS to plain text
     pair = encoder.encode(PolarityPair("Question?", " Yes", " No"))
     assert pair.prompt_ids == plain_tokenizer("Question?")["input_ids"]
     assert pair.positive_ids == plain_tokenizer(" Yes<|im_end|>", add_special_tokens=False)["input_ids"]
-    formatted = PairEncoder(plain_tokenizer, plain_format="Q: {prompt}\nA:")
+    formatted = PairEncoder(plain_tokenizer, {"plain_format": "Q: {prompt}\nA:"})
     assert formatted.render_prompt("Why?") == "Q: Why?\nA:"
     with pytest.raises(ConfigError, match="no chat template"):
-        PairEncoder(plain_tokenizer, use_chat_template=True)
+        PairEncoder(plain_tokenizer, {"template": "chat"})
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -653,7 +690,8 @@ def test_paper_datasets_from_shared_data(shared_data):
     # 642 training rows upstream: 2 exact duplicates removed (reported), 2 empty prompts kept (reported)
     assert power.splits.sizes() == {"train": 640, "dev": 0, "test": 200}
     assert power.splits.record()["warnings"] == {"empty_prompt": 2, "duplicate_pair": 2, "train_test_overlap": 1}
-    assert len(power.choice_test) == 200 and power.choice_test[0].meta["format"] == "ab"
+    assert len(power.choice_test) == 150 and len(power.choice_dev) == 50 and power.choice_test[0].meta["format"] == "ab"
+    assert not set(power.choice_dev.content_ids()) & set(power.choice_test.content_ids())
     caa = load_builtin("caa/sycophancy", data_dir=shared_data)
     assert len(caa.choice_test) == 50 and len(caa.open_prompts["test"]) == 53
     assert all(p.meta["format"] == "ab" for p in caa.splits.train)

@@ -101,12 +101,15 @@ def test_yes_no_accuracy_matches_full_logits(smol_tokenizer, model, update):  # 
     assert result.method["answer_tokens"] == {"Yes": ["Yes", " Yes"], "No": ["No", " No"]}
 
 
-def test_ab_accuracy_compares_the_letter_after_the_shared_prefix(smol_tokenizer, model, update):  # noqa: F811
-    encoder = PairEncoder(smol_tokenizer)
-    result = ab_accuracy(model, smol_tokenizer, AB, update, MULTIPLIERS, batch_rows=5, progress=False)
+@pytest.mark.parametrize("rendering", ["reference", "natural"])
+def test_ab_accuracy_compares_the_letter_after_the_shared_prefix(smol_tokenizer, model, update, rendering):  # noqa: F811
+    encoder = PairEncoder(smol_tokenizer, rendering)
+    result = ab_accuracy(model, smol_tokenizer, AB, update, MULTIPLIERS, batch_rows=5, progress=False,
+                         encoder=encoder)
     for j, m in enumerate(MULTIPLIERS):
         for i, p in enumerate(AB):
-            opening = " (" if p.positive.startswith(" ") else "("  # "(A)" → "(" + "A" + ")" for this tokenizer
+            # "(A)" → "(" + "A" + ")" for this tokenizer; the natural rendering joins " (A)" to the prompt.
+            opening = " (" if p.positive.startswith(" ") and rendering == "reference" else "("
             ids = encoder.encode_prompt(p.prompt) + [token(smol_tokenizer, opening)]
             logp = full_logprobs(model, ids, update, m)
             letter = p.meta["matching_letter"]
@@ -114,7 +117,7 @@ def test_ab_accuracy_compares_the_letter_after_the_shared_prefix(smol_tokenizer,
             expected = float(logp[token(smol_tokenizer, letter)] - logp[token(smol_tokenizer, other)])
             assert result.margins[j, i] == pytest.approx(expected, abs=1e-4)
             assert result.chosen[j][i] == (letter if expected > 0 else other)
-    assert result.method["forced_prefixes"] == [" (", "("]
+    assert result.method["forced_prefixes"] == ([" (", "("] if rendering == "reference" else ["("])
     with pytest.raises(DataError, match="answer format 'yes_no', expected ab"):
         ab_accuracy(model, smol_tokenizer, YES_NO, update, MULTIPLIERS, progress=False)
 
@@ -126,9 +129,12 @@ def test_choice_accuracy_mixes_formats_and_plain_model(smol_tokenizer, model, up
     np.testing.assert_allclose(mixed.margins, np.concatenate([s.margins for s in separate], axis=1), atol=1e-5)
     plain = choice_accuracy(model, smol_tokenizer, YES_NO + AB, None, progress=False)
     np.testing.assert_allclose(plain.margins[0], mixed.margins[0], atol=1e-5)  # m = 0 is the plain model
+    # answer_spellings=None scores the completions as the rendering spells them.
     dataset_tokens = yes_no_accuracy(model, smol_tokenizer, YES_NO, update, [2.0], answer_spellings=None,
-                                     progress=False)
+                                     progress=False, encoder=PairEncoder(smol_tokenizer, "reference"))
     assert dataset_tokens.method["answer_tokens"] == {"Yes": [" Yes"], "No": [" No"]}
+    joined = yes_no_accuracy(model, smol_tokenizer, YES_NO, update, [2.0], answer_spellings=None, progress=False)
+    assert joined.method["answer_tokens"] == {"Yes": ["Yes"], "No": ["No"]}
     with pytest.raises(ConfigError, match="single token"):
         yes_no_accuracy(model, smol_tokenizer, YES_NO, update, [1.0], answer_spellings=["{} indeed"],
                         progress=False)
@@ -364,13 +370,12 @@ def test_real_model_vanilla_and_diffmean_psychopathy_accuracy(default_model, psy
     print("DiffMean at layer 15:", [(r["multiplier"], r["accuracy"], r["answer_shares"], round(r["mean_margin"], 3))
                                     for r in rows])
     np.testing.assert_allclose(steered.margins[1], vanilla.margins[0], atol=1e-4)  # m = 0 is the plain model
-    # SmolLM2-135M barely tells the statements apart: the vector mostly moves its yes/no bias, so on a balanced
-    # set the answers flip between large -m and +m (accuracy on each half moves from 0 to 1) while the overall
-    # accuracy stays near chance.
+    # SmolLM2-135M barely tells the statements apart at layer 15: DiffMean mostly moves its yes/no bias (the
+    # plain model answers "No" to everything), so between -m and +m the share of "Yes" moves while the
+    # overall accuracy stays near chance and the balanced accuracy says so.
     yes_share = [r["answer_shares"].get("Yes", 0.0) for r in rows]
-    assert abs(yes_share[0] - yes_share[2]) >= 0.5, yes_share
-    matching_yes_half = steered.correct[:, :8].mean(axis=1)
-    assert abs(matching_yes_half[0] - matching_yes_half[2]) >= 0.5, matching_yes_half
+    assert abs(yes_share[0] - yes_share[2]) >= 0.25, yes_share
+    assert rows[1]["balanced_accuracy"] == 0.5  # a constant answer is exactly chance
 
 
 @pytest.mark.real_model
@@ -386,3 +391,55 @@ def test_real_model_batched_generation_equals_one_by_one(default_model, psychopa
         expected = reference_generate(model, tokenizer, g.prompt, diffmean_update, g.multiplier, 4)
         assert g.text == tokenizer.decode(expected, skip_special_tokens=True)
     print("\n", [(g.multiplier, g.text, parse_yes_no(g.text)) for g in gens])
+
+
+def _synthetic_accuracy(margins: np.ndarray, matching: list[str]) -> AccuracyByM:
+    not_matching = ["No" if m == "Yes" else "Yes" for m in matching]
+    chosen = [[m if margins[j, i] > 0 else n for i, (m, n) in enumerate(zip(matching, not_matching, strict=True))]
+              for j in range(margins.shape[0])]
+    return AccuracyByM(list(range(margins.shape[0])), margins > 0, chosen, "logprob", {}, margins,
+                       np.ones_like(margins), matching, not_matching)
+
+
+def test_bias_free_scores_see_through_a_constant_answer():
+    rng = np.random.default_rng(0)
+    matching = ["Yes"] * 30 + ["No"] * 30
+    yes = np.array([m == "Yes" for m in matching])
+    signal = np.where(yes, 1.0, -1.0) + rng.normal(0, 1.0, 60)  # lean toward Yes, informative
+    leans = np.stack([signal - 10.0, signal, -np.where(yes, 1.0, -1.0) * 5])  # always-No, fair, inverted
+    margins = np.where(yes[None, :], leans, -leans)
+    result = _synthetic_accuracy(margins, matching)
+    rows = result.rows(n_boot=300)
+    # Always "No": accuracy and balanced accuracy 0.5 although the ranking is informative (AUC of the fair row).
+    assert rows[0]["accuracy"] == 0.5 and rows[0]["balanced_accuracy"] == 0.5
+    assert rows[0]["answer_shares"] == {"No": 1.0}
+    assert rows[0]["auc"] == pytest.approx(rows[1]["auc"]) and rows[1]["auc"] > 0.8  # a shift leaves AUC alone
+    assert rows[2]["auc"] == 0.0 and rows[2]["balanced_accuracy"] == 0.0
+    brute = np.mean([[a > b for b in signal[~yes]] for a in signal[yes]])
+    assert rows[1]["auc"] == pytest.approx(brute)
+    for row in rows[:2]:
+        low, high = row["auc_ci"]
+        assert low <= row["auc"] <= high and high - low < 0.4
+    assert result.options == ("Yes", "No")
+
+
+def test_select_steering_and_calibrated_accuracy():
+    from unisteer.evaluation import calibrated_accuracy, select_steering
+
+    rng = np.random.default_rng(1)
+    matching = ["Yes"] * 20 + ["No"] * 20
+    yes = np.array([m == "Yes" for m in matching])
+    base = np.where(yes, 1.0, -1.0)
+    # m = -2, 0, 2, 4: the lean's ordering flips with m; at m = 4 every answer is "No" (shifted by -20).
+    leans = np.stack([-2 * base, rng.normal(0, 1, 40), 2 * base, 2 * base - 20.0])
+    margins = np.where(yes[None, :], leans, -leans)
+    dev = _synthetic_accuracy(margins, matching)
+    dev.multipliers = [-2.0, 0.0, 2.0, 4.0]
+    choice = select_steering(dev)
+    assert choice.toward.multiplier == 2.0 and choice.away.multiplier == -2.0
+    assert choice.toward.value == 1.0 and choice.away.value == 0.0
+    rows = {r["multiplier"]: r for r in calibrated_accuracy(dev, dev)}
+    assert rows[4.0]["calibrated_accuracy"] == 1.0 and dev.at(4.0) == 0.5  # only the bias was wrong at m = 4
+    assert rows[2.0]["threshold"] == 0.0  # already right: the threshold stays at the uncalibrated 0
+    with pytest.raises(ConfigError, match="m >= 0 and m <= 0"):
+        select_steering([{"multiplier": 1.0, "balanced_accuracy": 0.6}])

@@ -239,3 +239,31 @@ def test_r2_score_definition() -> None:
     assert r2_score(y, y) == 1.0
     assert r2_score(y, np.full(3, y.mean())) == pytest.approx(0.0)
     assert r2_score(np.ones(3), np.zeros(3)) is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fitted_curve_never_leaves_the_data_between_multipliers(seed: int) -> None:
+    """Structureless or spiky data tempt the rational-quadratic into dips where no point is (a utility fit
+    once reached -70 between points measured around -3); the envelope keeps it within 5 % of the range."""
+    rng = np.random.default_rng(seed)
+    y = rng.normal(0.0, 1.0, M.size)
+    y[rng.integers(0, M.size)] -= 4.0  # one low outlier
+    dense = np.linspace(M.min(), M.max(), 2001)
+    for fit in (fit_utility(M, y), fit_preference(M, y)):
+        curve = fit.predict(dense)
+        slack = 0.05 * np.ptp(y) + 1e-6
+        assert curve.min() >= y.min() - slack and curve.max() <= y.max() + slack, fit.warnings
+
+
+def test_noise_level_data_are_flagged_undetermined_whatever_the_r2() -> None:
+    y = pref_curve(M) * 0.05  # a faint version of a real curve ...
+    sem = np.full(M.size, 0.5)  # ... far below its noise
+    fit = fit_preference(M, y, sem=sem)
+    assert fit.r2 is not None and fit.r2 > 0.9  # R² alone would call it good
+    assert fit.undetermined and fit.poor_fit
+    assert any("not determined by the data" in w for w in fit.warnings)
+    clear = fit_preference(M, pref_curve(M), sem=np.full(M.size, 0.05))
+    assert not clear.undetermined and not clear.poor_fit
+    assert DecayFit.from_dict(json.loads(json.dumps(fit.to_dict()))).undetermined
+    with pytest.raises(FitError, match="one value per point"):
+        fit_preference(M, y, sem=[0.1, 0.2])

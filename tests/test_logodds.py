@@ -217,3 +217,19 @@ def test_aggregate_per_multiplier_groups_and_sorts() -> None:
     assert math.isnan(curve.sem[1]) and math.isnan(curve.ci_low[1])
     assert curve.aggregates[2] == aggregate(values[[0, 2, 5]], clamped[[0, 2, 5]], n_boot=200)
     json.dumps(curve.to_dict())
+
+
+def test_paired_change_removes_between_example_spread():
+    from unisteer.logodds import paired_change
+
+    rng = np.random.default_rng(0)
+    offsets = rng.normal(0, 10, 40)  # examples differ a lot ...
+    m = np.repeat([-1.0, 0.0, 1.0], 40)
+    examples = np.tile(np.arange(40), 3)
+    values = np.concatenate([offsets - 0.5, offsets, offsets + 0.5]) + rng.normal(0, 0.05, 120)  # ... m moves a little
+    change = paired_change(m, examples, values, n_boot=500)
+    assert change.m.tolist() == [-1.0, 0.0, 1.0]
+    assert change.mean[1] == 0.0 and change.ci_low[1] == 0.0
+    assert change.ci_low[2] > 0.3 and change.ci_high[0] < -0.3  # separated from 0 although per-m CIs overlap
+    with pytest.raises(LogOddsError, match="reference"):
+        paired_change([1.0, 2.0], [0, 1], [0.0, 1.0])

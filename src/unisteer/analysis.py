@@ -72,7 +72,7 @@ from .errors import ConfigError, DataError, UnisteerError
 from .fitting import DecayFit, FitError, fit_preference, fit_utility, score
 from .hf_compat import cache_kwargs, fill_layers, new_cache
 from .hooks import Steering
-from .logodds import VARIANTS, AggregatedCurve, aggregate_per_multiplier, compute_log_odds
+from .logodds import VARIANTS, AggregatedCurve, aggregate_per_multiplier, compute_log_odds, paired_change
 from .manifold import METRICS, ManifoldReference, build_reference, correlate
 from .prefix import layers_from
 from .scoring import completion_nll, completion_nll_from_hidden, stack_owner
@@ -911,8 +911,13 @@ class SplitRows:
 
 @dataclass
 class CurvePair:
+    """Per-m aggregates of both quantities, and their paired change from m = 0 (per example, then averaged):
+    an effect at m is a change whose interval excludes 0."""
+
     preference: AggregatedCurve
     utility: AggregatedCurve
+    preference_change: AggregatedCurve | None = None
+    utility_change: AggregatedCurve | None = None
 
 
 @dataclass
@@ -1009,10 +1014,15 @@ def fit_sweep(out_dir: str | Path, *, fit_split: str | None = None) -> SweepFits
 
     curves: dict[tuple[str, str, str], CurvePair] = {}
     for (update, split), data in rows.items():
+        has_zero = bool(np.any(data.m == 0.0))
         for variant, odds in data.log_odds.items():
             curves[(update, split, variant)] = CurvePair(
                 aggregate_per_multiplier(data.m, odds.pref, odds.clamped, n_boot=n_boot, level=level, seed=seed),
-                aggregate_per_multiplier(data.m, odds.util, odds.clamped, n_boot=n_boot, level=level, seed=seed))
+                aggregate_per_multiplier(data.m, odds.util, odds.clamped, n_boot=n_boot, level=level, seed=seed),
+                paired_change(data.m, data.example, odds.pref, n_boot=n_boot, level=level, seed=seed)
+                if has_zero else None,
+                paired_change(data.m, data.example, odds.util, n_boot=n_boot, level=level, seed=seed)
+                if has_zero else None)
 
     fits: dict[tuple[str, str], UpdateFit] = {}
     for update in info["updates"]:
@@ -1048,8 +1058,9 @@ def _fit_update(update: str, variant: str, fit_split: str, curves: Mapping[tuple
     train = curves[(update, fit_split, variant)]
     for quantity, fitter in (("preference", fit_preference), ("utility", fit_utility)):
         curve = getattr(train, quantity)
+        sem = curve.sem if np.all(np.isfinite(curve.sem)) else None
         try:
-            fitted[quantity] = fitter(curve.m, curve.mean)
+            fitted[quantity] = fitter(curve.m, curve.mean, sem=sem)
         except FitError as exc:
             fitted[quantity], errors[quantity] = None, str(exc)
             continue

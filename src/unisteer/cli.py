@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,38 +37,53 @@ def _add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) ->
                         help="field mapping for files: a preset name or JSON, e.g. "
                              '\'{"prompt": "question", "positive": "matching", "negative": "not_matching"}\'')
     parser.add_argument("--data-dir", default=None, help="data directory (default: $UNISTEER_DATA or ../shared/data)")
-    parser.add_argument("--split-seed", type=int, default=42, help="seed of the train/dev/test split (default: 42)")
-    parser.add_argument("--train-size", type=float, default=None, help="train pairs (count, or fraction if < 1)")
-    parser.add_argument("--dev-size", type=float, default=None, help="dev pairs (count, or fraction if < 1)")
-    parser.add_argument("--test-size", type=float, default=None, help="test pairs (count, or fraction if < 1)")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="seed of the train/dev/test split (default: the dataset's, 42). Train, eval and sweep "
+                             "must use the same split: a saved update refuses pairs it was trained on")
+    parser.add_argument("--train-size", type=_size, default=None,
+                        help="train pairs (count, or fraction if < 1); the test and dev parts stay as they are")
+    parser.add_argument("--dev-size", type=_size, default=None, help="dev pairs (count, or fraction if < 1)")
+    parser.add_argument("--test-size", type=_size, default=None, help="test pairs (count, or fraction if < 1)")
 
 
-def _split_overrides(args: argparse.Namespace) -> dict | None:
-    sizes = {k: v for k, v in (("train", args.train_size), ("dev", args.dev_size), ("test", args.test_size))
-             if v is not None}
-    if not sizes and args.split_seed == 42:
-        return None
-    out: dict = {"seed": args.split_seed}
-    for part, value in sizes.items():
-        out[part] = int(value) if value >= 1 else value
-    return out
+def _size(text: str) -> int | float:
+    """A split size: a positive whole count, or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from exc
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive count or a fraction in (0, 1), got {text!r}")
+    if value < 1:
+        return value
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"a count must be a whole number (fractions are below 1), got {text!r}")
+    return int(value)
+
+
+def split_overrides(args: argparse.Namespace) -> dict | None:
+    """The split fields the user changed (None: the dataset's default split)."""
+    out = {k: v for k, v in (("seed", args.split_seed), ("train", args.train_size), ("dev", args.dev_size),
+                             ("test", args.test_size)) if v is not None}
+    return out or None
+
+
+def _fields(args: argparse.Namespace):
+    if not args.fields or not args.fields.strip().startswith("{"):
+        return args.fields
+    try:
+        return json.loads(args.fields)
+    except json.JSONDecodeError as exc:
+        raise UnisteerError(f"--fields: not valid JSON ({exc.msg} at character {exc.pos})") from exc
 
 
 def load_data_from_args(args: argparse.Namespace, model=None, tokenizer=None):
-    """A `BuiltinData` for a built-in name, or one built from a pairs file."""
-    from .data import BuiltinData, read_pairs
-    from .datasets_builtin import load_builtin
+    """A `BuiltinData` for a built-in name, or one built from a pairs file (`workflow.load_data`)."""
+    from .workflow import load_data
 
-    split = _split_overrides(args)
-    path = Path(args.data)
-    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
-        fields = json.loads(args.fields) if args.fields and args.fields.strip().startswith("{") else args.fields
-        dataset = read_pairs(path, fields)
-        splits = dataset.split(**(split or {}))
-        return BuiltinData(name=str(path), splits=splits, files=(str(path),))
     cache_dir = Path(getattr(args, "out", None) or "results") / "cache"
-    return load_builtin(args.data, data_dir=args.data_dir, split=split, model=model, tokenizer=tokenizer,
-                        cache_dir=cache_dir)
+    return load_data(args.data, data_dir=args.data_dir, fields=_fields(args), split=split_overrides(args),
+                     model=model, tokenizer=tokenizer, cache_dir=cache_dir)
 
 
 def _load_model(args: argparse.Namespace):
@@ -181,6 +197,31 @@ def _parse_floats(text: str) -> list[float]:
         raise UnisteerError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
+def _add_rendering_arg(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--rendering", default=None,
+                        help="how pairs become tokens: auto (measured on the training pairs), natural (the "
+                             "answer joined to the prompt, no end-of-turn), reference (the paper's code: as written, "
+                             f"end-of-turn appended), or JSON of Rendering fields ({default_help})")
+
+
+def _rendering_arg(value: str | None):
+    if value is None or not value.strip().startswith("{"):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UnisteerError(f"--rendering: not valid JSON ({exc.msg} at character {exc.pos})") from exc
+
+
+def _layer_arg(text: str) -> int | str:
+    if text == "default":
+        return text
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a layer index or 'default', got {text!r}") from exc
+
+
 def _register_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an update (SPLIT, SFT, RePS, DPO) or compute DiffMean on a dataset")
     _add_model_args(p)
@@ -189,11 +230,14 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
                    help="training objective (default: %(default)s); diffmean is closed-form (vector only)")
     p.add_argument("--form", default="vector", choices=["vector", "lora", "local_weight"],
                    help="update form (default: %(default)s)")
-    p.add_argument("--layer", type=int, default=None, help="decoder layer (default: the middle layer)")
+    p.add_argument("--layer", type=_layer_arg, default="default",
+                   help="decoder layer (default: the model's measured layer, see `unisteer layers`)")
+    _add_rendering_arg(p, "default: auto")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field of the preset, e.g. --set epochs=1 --set lr=0.05 (repeatable)")
     p.add_argument("--out", required=True, help="output folder (update, metrics.jsonl, checkpoints)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (a rerun without it resumes too, when one exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trained update in --out")
     p.set_defaults(func=cmd_train)
 
@@ -201,37 +245,40 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 def _parse_overrides(items: list[str]) -> dict:
     import yaml
 
+    from .config import from_dict
+    from .training import TrainConfig
+
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UnisteerError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UnisteerError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+    from_dict(TrainConfig, overrides, where="--set")  # unknown keys and bad values, before the model loads
     return overrides
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .architecture import model_structure
-    from .presets import preset
-    from .storage import save_update
-    from .training import diffmean_update, train_update
+    from .workflow import resolve_layer, resolve_rendering, train_cell
 
+    if args.objective == "diffmean" and args.form != "vector":
+        raise UnisteerError("--objective diffmean exists only for --form vector")
+    overrides = _parse_overrides(args.set)
+    rendering_arg = _rendering_arg(args.rendering)
     model, tokenizer = _load_model(args)
+    layer = resolve_layer(model, args.layer)
     data = load_data_from_args(args, model, tokenizer)
-    layer = args.layer if args.layer is not None else model_structure(model).num_layers // 2
-    out = Path(args.out)
-    if args.objective == "diffmean":
-        if args.form != "vector":
-            raise UnisteerError("--objective diffmean exists only for --form vector")
-        update = diffmean_update(model, tokenizer, data.splits["train"], layer, progress=True)
-        path = save_update(update, out / "update", overwrite=args.overwrite)
-    else:
-        config = preset(args.objective, args.form, **{"layer": layer, **_parse_overrides(args.set)})
-        dev = data.splits["dev"] if len(data.splits["dev"]) else None
-        result = train_update(model, tokenizer, data.splits["train"], config, out_dir=out, dev=dev,
-                              resume=args.resume, overwrite=args.overwrite, split_record=data.splits.record())
-        path = result.path
-    print(f"update: {path}")
+    rendering, record = resolve_rendering(model, tokenizer, rendering_arg, data.splits.train)
+    print(f"layer {layer}, rendering {rendering.to_dict()} ({record['chosen_by']}), split "
+          f"{data.splits.sizes()} (seed {data.splits.spec.seed})", file=sys.stderr)
+    trained = train_cell(model, tokenizer, data, objective=args.objective, form=args.form, layer=layer,
+                         rendering=rendering, out_dir=args.out, overrides=overrides,
+                         resume=True if args.resume else None, overwrite=args.overwrite,
+                         extra_record={"rendering_choice": record})
+    print(f"update: {trained.path}")
     return 0
 
 
@@ -240,34 +287,66 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--update", action="append", required=True, metavar="[NAME=]PATH",
-                   help="saved update (repeatable; NAME defaults to the folder name)")
+                   help="saved update (repeatable; NAME defaults to the run folder's name, e.g. runs/A/update -> A)")
     p.add_argument("--splits", default="train,test", help="splits to score (default: %(default)s)")
     p.add_argument("--max-pairs", type=int, default=None, help="score at most this many pairs per split")
     p.add_argument("--grid", default=None, help="comma-separated multipliers (default: per form)")
     p.add_argument("--batch-rows", type=int, default=64, help="rows per forward (default: %(default)s)")
     p.add_argument("--no-manifold", action="store_true", help="skip the manifold-distance measurements")
+    _add_rendering_arg(p, "default: the one the updates were trained with")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="score held-out splits even if an update was trained on some of their pairs (warns)")
     p.add_argument("--out", required=True, help="sweep folder (resumes if it exists)")
     p.add_argument("--report", action="store_true", help="also fit and write the report")
     p.set_defaults(func=cmd_sweep)
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from .analysis import SweepConfig, run_sweep
-    from .pipeline import _subset
+def update_name(item: str) -> tuple[str, str]:
+    """NAME=PATH, or a name from the path: the run folder for `.../NAME/update`, else the file or folder."""
+    name, sep, path = item.partition("=")
+    if sep:
+        return name, path
+    location = Path(item)
+    if location.name == "update" and location.parent.name:
+        return location.parent.name, item
+    return location.name.removesuffix(".safetensors"), item
+
+
+def _load_updates(items: list[str], model) -> dict:
     from .storage import load_update
 
-    model, tokenizer = _load_model(args)
-    updates = {}
-    for item in args.update:
-        name, sep, path = item.partition("=")
-        name, path = (name, path) if sep else (Path(item).name.removesuffix(".safetensors"), item)
-        updates[name] = load_update(path, model)
-    data = load_data_from_args(args, model, tokenizer)
-    splits = {name: _subset(data.splits[name], args.max_pairs) for name in args.splits.split(",") if name}
+    named = [update_name(item) for item in items]
+    names = [name for name, _ in named]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UnisteerError(f"--update: the name(s) {repeated} are used more than once ({items}); give each "
+                            "update a unique NAME=PATH")
+    return {name: load_update(path, model) for name, path in named}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .analysis import SweepConfig, run_sweep
+    from .data import PairEncoder, Rendering
+    from .workflow import check_held_out, common_rendering, first_pairs
+
+    names = [update_name(item)[0] for item in args.update]
+    if len(set(names)) != len(names):
+        raise UnisteerError(f"--update: names {names} are not unique; give each update a unique NAME=PATH")
     config = SweepConfig(grid=_parse_floats(args.grid) if args.grid else None, batch_rows=args.batch_rows,
                          manifold=not args.no_manifold)
+    model, tokenizer = _load_model(args)
+    updates = _load_updates(args.update, model)
+    data = load_data_from_args(args, model, tokenizer)
+    splits = {name: first_pairs(data.splits[name], args.max_pairs) for name in args.splits.split(",") if name}
+    for split, pairs in splits.items():
+        if split != "train":
+            for update in updates.values():
+                check_held_out(update, pairs, name=f"split {split!r}", allow_overlap=args.allow_overlap)
+    rendering = Rendering.parse(_rendering_arg(args.rendering)) if args.rendering else \
+        common_rendering(updates) or Rendering.parse(None)
     settings = {"model": args.model, "dtype": args.dtype, "dataset": data.record()}
-    result = run_sweep(model, tokenizer, updates, splits, config, args.out, settings=settings)
+    result = run_sweep(model, tokenizer, updates, splits, config, args.out, settings=settings,
+                       encoder=PairEncoder(tokenizer, rendering, max_length=config.max_length))
     print(f"sweep: {result.out_dir} ({result.rows_computed} rows computed, {result.rows_reused} reused, "
           f"{result.seconds:.0f} s)")
     if args.report:
@@ -324,12 +403,16 @@ def _register_generate_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="JSONL file for the generations (appends; resumes)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="yes/no or A/B accuracy of an update over multipliers, m chosen on dev")
+    p = sub.add_parser("eval", help="yes/no or A/B accuracy of an update over multipliers: +m and -m chosen on dev, "
+                                    "reported on test with intervals")
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--update", default=None, help="saved update (omit for the plain model)")
     p.add_argument("--multipliers", default=None, help="comma-separated grid (default: per form)")
-    p.add_argument("--max-pairs", type=int, default=None, help="evaluate at most this many pairs")
+    p.add_argument("--max-pairs", type=int, default=None, help="evaluate at most this many pairs per part")
+    _add_rendering_arg(p, "default: the one the update was trained with")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate even if the update was trained on some of the evaluation pairs (warns)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
@@ -356,42 +439,122 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .analysis import default_grid
-    from .evaluation import choice_accuracy, select_multiplier
-    from .pipeline import _subset
+    from .data import Rendering
     from .storage import load_update
+    from .workflow import evaluate_choices, rendering_of
 
+    rendering_arg = _rendering_arg(args.rendering)
+    grid = _parse_floats(args.multipliers) if args.multipliers else None
     model, tokenizer = _load_model(args)
     update = load_update(args.update, model) if args.update else None
-    grid = _parse_floats(args.multipliers) if args.multipliers else (
-        default_grid(update.spec.form) if update is not None else [0.0])
+    if rendering_arg is not None:
+        rendering = Rendering.parse(rendering_arg)
+    else:
+        rendering = (rendering_of(update) if update is not None else None) or Rendering.parse(None)
+    grid = grid or (default_grid(update.spec.form) if update is not None else [0.0])
     data = load_data_from_args(args, model, tokenizer)
-    if data.choice_test is None:
-        raise UnisteerError(f"{args.data}: has no yes/no or A/B test items to score")
-    result = {}
-    if update is not None and len(data.splits["dev"]):
-        dev = choice_accuracy(model, tokenizer, _subset(data.splits["dev"], args.max_pairs).pairs, update, grid)
-        selection = select_multiplier(dev, "accuracy")
-        print("dev accuracy by multiplier:\n" + selection.format_table())
-        grid = [selection.multiplier]
-        result["selection"] = selection.to_dict()
-    test = choice_accuracy(model, tokenizer, _subset(data.choice_test, args.max_pairs).pairs, update, grid)
-    for row in test.rows():
-        print(f"test m = {row['multiplier']:g}: accuracy {row['accuracy']:.3f} "
-              f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n = {row['n']})")
-    result["test"] = test.rows()
+    result = evaluate_choices(model, tokenizer, data, update, grid, rendering=rendering, max_pairs=args.max_pairs,
+                              allow_overlap=args.allow_overlap)
+    print(f"rendering {rendering.to_dict()}")
+    if result.selection is not None:
+        print("dev scores by multiplier:")
+        for row in result.dev.rows():
+            print("  " + _score_line(row))
+    print("test scores by multiplier:")
+    for row in result.test.rows():
+        print("  " + _score_line(row))
+    for side, word in (("toward", "toward the concept (+m)"), ("away", "away from it (-m)")):
+        chosen = result.side(side)
+        if chosen is None:
+            continue
+        change = chosen.get("change")
+        delta = (f"; balanced accuracy {change['change']:+.3f} [{change['ci_low']:+.3f}, {change['ci_high']:+.3f}] "
+                 f"vs m = 0 ({'steers' if change['separated'] else 'not separated from m = 0'})") if change else ""
+        print(f"{word}: m = {chosen['multiplier']:g} chosen on dev; test {_score_line(chosen)}{delta}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return 0
+
+
+def _score_line(row: dict) -> str:
+    text = (f"m = {row['multiplier']:g}: accuracy {row['accuracy']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    if "balanced_accuracy" in row:
+        low, high = row["balanced_ci"]
+        text += f", balanced {row['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}]"
+    if "auc" in row:
+        low, high = row["auc_ci"]
+        text += f", AUC {row['auc']:.3f} [{low:.3f}, {high:.3f}]"
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in row.get("answer_shares", {}).items())
+    return f"{text} (n = {row['n']}; answers {shares})"
+
+
+def _register_layers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("layers", help="rank decoder layers by how far a cheap update moves the dev score both ways")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--objective", default="split", choices=["split", "diffmean"],
+                   help="the cheap update: one epoch of SPLIT on --pairs training pairs, or DiffMean (default: "
+                        "%(default)s)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: every second layer)")
+    p.add_argument("--pairs", type=int, default=80, help="training pairs per layer (default: %(default)s)")
+    p.add_argument("--dev-pairs", type=int, default=60, help="dev items scored per layer (default: %(default)s)")
+    _add_rendering_arg(p, "default: auto")
+    p.add_argument("--out", required=True, help="folder for the per-layer updates and layers.json (resumes)")
+    p.set_defaults(func=cmd_layers)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .architecture import model_structure
+    from .workflow import resolve_rendering, scan_layers
+
+    rendering_arg = _rendering_arg(args.rendering)
+    model, tokenizer = _load_model(args)
+    num_layers = model_structure(model).num_layers
+    layers = [int(v) for v in _parse_floats(args.layers)] if args.layers else list(range(1, num_layers, 2))
+    data = load_data_from_args(args, model, tokenizer)
+    rendering, _ = resolve_rendering(model, tokenizer, rendering_arg, data.splits.train)
+
+    def report(score) -> None:
+        print(f"layer {score.layer:3d}: dev balanced accuracy {score.toward:.2f} at m = {score.toward_m:g}, "
+              f"{score.away:.2f} at m = {score.away_m:g} (spread {score.spread:.2f}, {score.seconds:.0f} s)",
+              file=sys.stderr)
+
+    ranked = scan_layers(model, tokenizer, data, layers, out_dir=args.out, objective=args.objective,
+                         pairs=args.pairs, rendering=rendering, dev_pairs=args.dev_pairs, callback=report)
+    print("layers ranked by spread (best dev balanced accuracy toward minus lowest away):")
+    for score in ranked:
+        print(f"  layer {score.layer:3d}: spread {score.spread:.2f} (toward {score.toward:.2f} at m = "
+              f"{score.toward_m:g}, away {score.away:.2f} at m = {score.away_m:g})")
+    print(f"best: layer {ranked[0].layer}")
     return 0
 
 
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _register_train, _register_sweep, _register_fit_report, _register_generate_eval, _register_run, _register_serve,
+    _register_train, _register_sweep, _register_fit_report, _register_generate_eval, _register_layers, _register_run,
+    _register_serve,
 ]
+
+# Options whose value may start with "-" (a negative multiplier): argparse would read "-20,0,20" as an option.
+_NUMBER_LIST_OPTIONS = ("--multipliers", "--grid", "--layers")
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        if items[i] in _NUMBER_LIST_OPTIONS and i + 1 < len(items) and items[i + 1].startswith("-"):
+            out.append(f"{items[i]}={items[i + 1]}")
+            i += 2
+            continue
+        out.append(items[i])
+        i += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except UnisteerError as exc:

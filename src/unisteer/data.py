@@ -15,10 +15,14 @@ Bad input policy (every case names the file and line; nothing is dropped silentl
 | exact duplicate (prompt, positive, negative) | warning `duplicate_pair`, later copies removed |
 | positive and negative identical (ignoring surrounding whitespace) | warning `identical_completions`, dropped |
 
-Rendering (`PairEncoder`): the prompt is the chat template's single user turn with the generation prompt;
-each completion gets the template's end-of-turn suffix; the prompt is tokenised once and the two completions
-separately, so both sides share the prompt's ids exactly (callers can share a KV cache of the prompt).
-Models without a chat template use the plain prompt (`plain_format`) and the eos token as suffix.
+Rendering (`Rendering`, applied by `PairEncoder`) is an explicit, recorded choice: the prompt template (the
+chat template's single user turn with the generation prompt, or plain text), what happens to a completion's
+leading whitespace, and whether the template's end-of-turn suffix follows each completion. Named choices:
+`reference` (the paper's code: completions as written, end-of-turn appended) and `natural` (a completion
+joins the prompt as the model would write it, no end-of-turn: the completion is the start of the answer).
+`unisteer.workflow.choose_rendering` picks one per model and dataset by measurement. The prompt is
+tokenised once and the two completions separately (answer, then suffix), so both sides share the prompt's
+ids exactly (callers can share a KV cache of the prompt) and the answer tokens are known.
 
 The built-in datasets (`persona/<trait>`, `power-seeking`, `caa/<behaviour>`, `axbench/<id>`, ...) live in
 `unisteer.datasets_builtin` and are re-exported here.
@@ -75,6 +79,11 @@ class PolarityPair:
     def key(self) -> tuple[str, str, str]:
         """Identity of the pair's content (meta excluded): used for duplicates and split ordering."""
         return (self.prompt, self.positive, self.negative)
+
+    def content_id(self) -> str:
+        """16 hex digits of sha256 of the content: the same pair has the same id whichever file it came from."""
+        text = "\x00".join(self.key())
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,13 @@ class PairDataset:
         """What to store with a result: name, size, content hash, sources, warning counts."""
         return {"name": self.name, "size": len(self), "hash": self.hash(), "sources": list(self.sources),
                 "warnings": self.warning_counts()}
+
+    def content_ids(self) -> list[str]:
+        return [pair.content_id() for pair in self.pairs]
+
+    def provenance(self) -> dict[str, Any]:
+        """What an update stores about the pairs it was trained on: enough to detect any overlap later."""
+        return {"name": self.name, "pairs": len(self), "hash": self.hash(), "pair_ids": self.content_ids()}
 
 
 @dataclass(frozen=True)
@@ -633,12 +649,77 @@ def answer_meta(prompt: str, positive: str, negative: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- rendering
 
 
+TEMPLATES = ("auto", "chat", "plain")
+COMPLETION_SPACES = ("keep", "strip", "join")
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a polarity pair becomes model input; recorded with every update, sweep and report.
+
+    template: "chat" (the tokenizer's chat template, one user turn plus the generation prompt), "plain"
+      (`plain_format`), or "auto" (chat where the tokenizer has a template).
+    completion_space: a completion's leading whitespace — "keep" it as the dataset writes it (" Yes"),
+      "strip" it, or "join": strip it only after a prompt that already ends in whitespace (a chat template's
+      "assistant\n"), so the answer is spelled as the model would write it there.
+    end_of_turn: append the template's end-of-turn suffix (eos for plain text) to every completion, so the
+      completion is the whole answer; without it the completion is the start of the answer.
+    """
+
+    template: str = "auto"
+    completion_space: str = "join"
+    end_of_turn: bool = False
+    plain_format: str = "{prompt}"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"rendering.template: {self.template!r} is not one of {TEMPLATES}")
+        if self.completion_space not in COMPLETION_SPACES:
+            raise ConfigError(f"rendering.completion_space: {self.completion_space!r} is not one of "
+                              f"{COMPLETION_SPACES}")
+        if not isinstance(self.end_of_turn, bool):
+            raise ConfigError(f"rendering.end_of_turn: expected true or false, got {self.end_of_turn!r}")
+        if not isinstance(self.plain_format, str) or "{prompt}" not in self.plain_format:
+            raise ConfigError(f"rendering.plain_format must contain '{{prompt}}', got {self.plain_format!r}")
+
+    @classmethod
+    def parse(cls, value: Rendering | str | Mapping[str, Any] | None) -> Rendering:
+        """A `Rendering` from a name in `RENDERINGS`, a mapping of its fields, or itself (None: natural)."""
+        if value is None:
+            return RENDERINGS["natural"]
+        if isinstance(value, Rendering):
+            return value
+        if isinstance(value, str):
+            if value not in RENDERINGS:
+                raise ConfigError(f"rendering: {value!r} is not one of {sorted(RENDERINGS)} (or a mapping of "
+                                  "template / completion_space / end_of_turn / plain_format)")
+            return RENDERINGS[value]
+        return from_dict(cls, dict(value), where="rendering")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "template": self.template, "completion_space": self.completion_space,
+                "end_of_turn": self.end_of_turn, "plain_format": self.plain_format}
+
+    def same_choice(self, other: Rendering) -> bool:
+        """Equal up to the name (a measured choice equals the named rendering it coincides with)."""
+        return {**self.to_dict(), "name": ""} == {**other.to_dict(), "name": ""}
+
+
+RENDERINGS: dict[str, Rendering] = {
+    "reference": Rendering(completion_space="keep", end_of_turn=True, name="reference"),
+    "natural": Rendering(completion_space="join", end_of_turn=False, name="natural"),
+}
+
+
 @dataclass(frozen=True)
 class EncodedPair:
-    """Token ids of one pair: the rendered prompt once, each completion (with end-of-turn suffix) separately.
+    """Token ids of one pair: the rendered prompt once, each completion (answer, then suffix) separately.
 
     The full sequence of a side is `prompt_ids + positive_ids` (or `negative_ids`); it is not a
-    re-tokenisation of the joined text, so both sides share the prompt's ids exactly.
+    re-tokenisation of the joined text, so both sides share the prompt's ids exactly. The first
+    `positive_answer_length` ids of `positive_ids` are the answer, the rest the end-of-turn suffix (likewise
+    for the negative side); None means all of them are answer.
     """
 
     prompt_ids: list[int]
@@ -646,10 +727,18 @@ class EncodedPair:
     negative_ids: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
     truncated: bool = False
+    positive_answer_length: int | None = None
+    negative_answer_length: int | None = None
 
     def completion_ids(self, side: Side) -> list[int]:
         _check_side(side)
         return self.positive_ids if side == "positive" else self.negative_ids
+
+    def answer_length(self, side: Side) -> int:
+        """How many leading completion ids are the answer itself (the rest is the end-of-turn suffix)."""
+        _check_side(side)
+        length = self.positive_answer_length if side == "positive" else self.negative_answer_length
+        return len(self.completion_ids(side)) if length is None else length
 
 
 _PREFIX_PROBES = ("A", "zebra 42", "?", "Hello, world.", "1 + 1 =", "Écrire")
@@ -657,7 +746,7 @@ _SENTINEL = "unisteer-end-of-turn-probe"
 
 
 class PairEncoder:
-    """Renders prompts with the chat template and tokenises pairs; see the module docstring.
+    """Renders pairs by a `Rendering` and tokenises them; see the module docstring.
 
     Truncation keeps every sequence (prompt + one completion) within `max_length` tokens: completions are
     kept whole and the prompt loses tokens from the left of its user content, right after the template's
@@ -666,20 +755,26 @@ class PairEncoder:
     and counted (`truncated_count`).
     """
 
-    def __init__(self, tokenizer: Any, *, max_length: int = 512, use_chat_template: bool | None = None,
-                 plain_format: str = "{prompt}", end_of_turn: str | None = None) -> None:
-        if max_length < 2:
-            raise ConfigError(f"max_length must be at least 2, got {max_length}")
-        if "{prompt}" not in plain_format:
-            raise ConfigError(f"plain_format must contain '{{prompt}}', got {plain_format!r}")
+    def __init__(self, tokenizer: Any, rendering: Rendering | str | Mapping[str, Any] | None = None, *,
+                 max_length: int = 512) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ConfigError(f"max_length must be an integer of at least 2, got {max_length!r}")
+        self.rendering = Rendering.parse(rendering)
         has_template = getattr(tokenizer, "chat_template", None) is not None
-        if use_chat_template and not has_template:
-            raise ConfigError("use_chat_template=True but the tokenizer has no chat template")
+        if self.rendering.template == "chat" and not has_template:
+            raise ConfigError("rendering.template is 'chat' but the tokenizer has no chat template")
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.uses_chat_template = has_template if use_chat_template is None else use_chat_template
-        self.plain_format = plain_format
-        self.end_of_turn = end_of_turn if end_of_turn is not None else self._derive_end_of_turn()
+        self.uses_chat_template = has_template if self.rendering.template == "auto" else \
+            self.rendering.template == "chat"
+        self.plain_format = self.rendering.plain_format
+        # What the template writes after an assistant turn (also what stops generation), whether or not
+        # completions are scored with it.
+        self.turn_end = self._derive_turn_end()
+        self.completion_suffix = self.turn_end if self.rendering.end_of_turn else ""
+        self._suffix = self._ids(self.completion_suffix)
+        # Every chat prompt ends with the same generation prompt, so whether it ends in whitespace is fixed.
+        self._chat_prompt_ends_in_space = self.uses_chat_template and self.render_prompt("x")[-1:].isspace()
         self.common_prefix_length = self._derive_common_prefix_length()
         self.truncated_count = 0
 
@@ -693,29 +788,42 @@ class PairEncoder:
 
     def describe(self) -> dict[str, Any]:
         """Rendering settings to record with results (and to key caches of rendered text)."""
-        return {"chat_template": self.uses_chat_template, "max_length": self.max_length,
-                "end_of_turn": self.end_of_turn, "plain_format": None if self.uses_chat_template else
-                self.plain_format, "common_prefix_length": self.common_prefix_length}
+        return {"rendering": self.rendering.to_dict(), "chat_template": self.uses_chat_template,
+                "max_length": self.max_length, "completion_suffix": self.completion_suffix,
+                "turn_end": self.turn_end, "plain_format": None if self.uses_chat_template else self.plain_format,
+                "common_prefix_length": self.common_prefix_length}
 
     def render_prompt(self, prompt: str) -> str:
         if not self.uses_chat_template:
             return self.plain_format.format(prompt=prompt)
         return self._apply_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
 
-    def render_completion(self, completion: str) -> str:
-        return completion + self.end_of_turn
+    def render_answer(self, completion: str, prompt: str = "") -> str:
+        """The completion's text as scored, without the end-of-turn suffix."""
+        space = self.rendering.completion_space
+        if space == "strip" or (space == "join" and self._prompt_ends_in_space(prompt)):
+            return completion.lstrip()
+        return completion
+
+    def render_completion(self, completion: str, prompt: str = "") -> str:
+        return self.render_answer(completion, prompt) + self.completion_suffix
 
     def encode_prompt(self, prompt: str) -> list[int]:
         # A chat template writes its own special tokens (BOS included); plain text gets the tokenizer's.
         text = self.render_prompt(prompt)
         return list(self.tokenizer(text, add_special_tokens=not self.uses_chat_template)["input_ids"])
 
-    def encode_completion(self, completion: str) -> list[int]:
-        return list(self.tokenizer(self.render_completion(completion), add_special_tokens=False)["input_ids"])
+    def encode_answer(self, completion: str, prompt: str = "") -> list[int]:
+        return self._ids(self.render_answer(completion, prompt))
+
+    def encode_completion(self, completion: str, prompt: str = "") -> list[int]:
+        return self.encode_answer(completion, prompt) + self._suffix_ids()
 
     def encode(self, pair: PolarityPair) -> EncodedPair:
         prompt_ids = self.encode_prompt(pair.prompt)
-        completions = [self.encode_completion(pair.positive), self.encode_completion(pair.negative)]
+        answers = [self.encode_answer(pair.positive, pair.prompt), self.encode_answer(pair.negative, pair.prompt)]
+        suffix = self._suffix_ids()
+        completions = [a + suffix for a in answers]
         limit = self.max_length - 1  # at least one prompt token predicts the first completion token
         truncated = any(len(c) > limit for c in completions)
         completions = [c[:limit] for c in completions]
@@ -725,10 +833,23 @@ class PairEncoder:
             truncated = True
         if truncated:
             self.truncated_count += 1
-        return EncodedPair(prompt_ids, completions[0], completions[1], dict(pair.meta), truncated)
+        lengths = [min(len(a), len(c)) for a, c in zip(answers, completions, strict=True)]
+        return EncodedPair(prompt_ids, completions[0], completions[1], dict(pair.meta), truncated, *lengths)
 
     def encode_all(self, pairs: Iterable[PolarityPair]) -> list[EncodedPair]:
         return [self.encode(p) for p in pairs]
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _suffix_ids(self) -> list[int]:
+        return list(self._suffix)
+
+    def _prompt_ends_in_space(self, prompt: str) -> bool:
+        if self.uses_chat_template:
+            return self._chat_prompt_ends_in_space
+        rendered = self.render_prompt(prompt)
+        return not rendered or rendered[-1].isspace()
 
     def _truncate_prompt(self, ids: list[int], budget: int) -> list[int]:
         head = self.common_prefix_length
@@ -745,7 +866,7 @@ class PairEncoder:
         except TemplateError as exc:
             raise ConfigError(f"the tokenizer's chat template failed to render {messages!r:.120}: {exc}") from exc
 
-    def _derive_end_of_turn(self) -> str:
+    def _derive_turn_end(self) -> str:
         """What the template writes after an assistant message's content (e.g. '<|im_end|>\\n'); else eos."""
         eos = self.tokenizer.eos_token or ""
         if not self.uses_chat_template:
@@ -776,7 +897,8 @@ class TokenBatch:
 
     `position_ids` count real tokens only, so left padding and completion-only batches (which continue after
     their prompt) get the absolute positions the unpadded sequence would have. `lengths` are real tokens
-    per row, `prompt_lengths` the real prompt tokens of each row's pair.
+    per row, `prompt_lengths` the real prompt tokens of each row's pair. `answer_mask` is the part of
+    `completion_mask` that is the answer itself (without the end-of-turn suffix).
     """
 
     input_ids: torch.Tensor
@@ -788,10 +910,13 @@ class TokenBatch:
     lengths: torch.Tensor
     padding_side: PaddingSide
     meta: list[dict[str, Any]] = field(default_factory=list)
+    answer_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> TokenBatch:
         moved = {k: getattr(self, k).to(device) for k in ("input_ids", "attention_mask", "position_ids", "labels",
                                                           "completion_mask", "prompt_lengths", "lengths")}
+        if self.answer_mask is not None:
+            moved["answer_mask"] = self.answer_mask.to(device)
         return TokenBatch(**moved, padding_side=self.padding_side, meta=self.meta)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
@@ -803,15 +928,19 @@ def collate_pairs(encoded: Sequence[EncodedPair], side: Side, *, pad_token_id: i
                   padding_side: PaddingSide = "right") -> TokenBatch:
     """`prompt + completion` sequences of one side; labels mask the prompt and the padding."""
     _check_side(side)
-    rows, labels, completion = [], [], []
+    rows, labels, completion, answer = [], [], [], []
     for ep in encoded:
         comp = ep.completion_ids(side)
+        n_answer = ep.answer_length(side)
         rows.append(ep.prompt_ids + comp)
         labels.append([IGNORE_INDEX] * len(ep.prompt_ids) + comp)
         completion.append([False] * len(ep.prompt_ids) + [True] * len(comp))
+        answer.append([False] * len(ep.prompt_ids) + [True] * n_answer + [False] * (len(comp) - n_answer))
     prompt_lengths = [len(ep.prompt_ids) for ep in encoded]
-    return _pad(rows, labels, completion, [0] * len(rows), prompt_lengths, pad_token_id, padding_side,
-                [ep.meta for ep in encoded])
+    batch = _pad(rows, labels, completion, [0] * len(rows), prompt_lengths, pad_token_id, padding_side,
+                 [ep.meta for ep in encoded])
+    batch.answer_mask = _pad_flags(answer, batch.input_ids.shape[1], padding_side)
+    return batch
 
 
 def collate_prompts(prompts: Sequence[EncodedPair] | Sequence[Sequence[int]], *, pad_token_id: int,
@@ -839,6 +968,14 @@ def collate_completions(encoded: Sequence[EncodedPair], side: Side, *, pad_token
     prompt_lengths = [len(ep.prompt_ids) for ep in encoded]
     return _pad(rows, [list(r) for r in rows], completion, prompt_lengths, prompt_lengths, pad_token_id,
                 padding_side, [ep.meta for ep in encoded])
+
+
+def _pad_flags(flags: list[list[bool]], width: int, padding_side: PaddingSide) -> torch.Tensor:
+    out = torch.zeros((len(flags), width), dtype=torch.bool)
+    for b, row in enumerate(flags):
+        cols = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        out[b, cols] = torch.tensor(row, dtype=torch.bool)
+    return out
 
 
 def _pad(rows: list[list[int]], labels: list[list[int]], completion: list[list[bool]], offsets: list[int],
@@ -885,8 +1022,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "FIELD_PRESETS", "IGNORE_INDEX", "READ_FORMATS", "DataWarning", "DatasetSplits", "EncodedPair", "FieldMap",
-    "PairDataset", "PairEncoder", "PolarityPair", "SourceRecord", "SplitSpec", "TokenBatch", "answer_meta",
+    "FIELD_PRESETS", "IGNORE_INDEX", "READ_FORMATS", "RENDERINGS", "DataWarning", "DatasetSplits", "EncodedPair",
+    "FieldMap", "PairDataset", "PairEncoder", "PolarityPair", "Rendering", "SourceRecord", "SplitSpec", "TokenBatch",
+    "answer_meta",
     "collate_completions", "collate_pairs", "collate_prompts", "read_pairs", "read_source_records",
     "resolve_fields",
 ]

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from .data import (
     PolarityPair,
     SourceRecord,
     SplitSpec,
+    _count,
     _csv_rows,
     _json_rows,
     _jsonl_rows,
@@ -53,7 +54,8 @@ CAA_BEHAVIOURS = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucinati
                   "survival-instinct", "sycophancy")
 AXBENCH_SETTINGS = ("prod_2b_l10_v1", "prod_2b_l20_v1", "prod_9b_l20_v1", "prod_9b_l31_v1")
 DEFAULT_AXBENCH_SETTING = "prod_9b_l20_v1"
-AXBENCH_HELD_OUT = {"test": 8, "dev": 8}  # the paper: 8 held-out instructions per concept; dev selects m
+AXBENCH_HELD_OUT = {"test": 8, "dev": 8}
+BIPO_CHOICE_DEV = 50  # A/B questions of test_infer.csv that choose multipliers (the rest are the test)  # the paper: 8 held-out instructions per concept; dev selects m
 SENTIMENT_INSTRUCTION = "Write a sentence."
 SENTIMENT_CONTINUE = "Continue this text: {text}"
 SENTIMENT_HELD_OUT = {"test": 100, "dev": 50}
@@ -74,12 +76,14 @@ class BuiltinData:
 
     `choice_test` holds pairs whose completions are answer options (A/B letters or Yes/No) with the meta an
     evaluator needs for accuracy (`format`, matching letter/answer, choices); None where the data has none.
+    `choice_dev` holds held-out choice pairs to choose multipliers on (never the test ones).
     `open_prompts` maps "dev"/"test" to held-out prompts for open-ended generation.
     """
 
     name: str
     splits: DatasetSplits
     choice_test: PairDataset | None = None
+    choice_dev: PairDataset | None = None
     open_prompts: dict[str, list[EvalPrompt]] = field(default_factory=dict)
     description: str = ""
     files: tuple[str, ...] = ()
@@ -97,6 +101,7 @@ class BuiltinData:
             "files": list(self.files),
             "splits": self.splits.record(),
             "choice_test": None if self.choice_test is None else self.choice_test.record(),
+            "choice_dev": None if self.choice_dev is None else self.choice_dev.record(),
             "open_prompts": {part: len(prompts) for part, prompts in self.open_prompts.items()},
             **self.extra,
         }
@@ -137,17 +142,24 @@ def list_builtins(data_dir: str | Path | None = None) -> list[str]:
     return names
 
 
-def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitSpec | dict | None = None,
+SplitArg = SplitSpec | Mapping[str, Any] | None
+
+
+def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitArg = None,
                  model: Any = None, tokenizer: Any = None, cache_dir: str | Path | None = None,
                  generation: GenerationSettings | dict | None = None,
                  encoder: PairEncoder | None = None) -> BuiltinData:
-    """Load a built-in by name (see the module table). `split` overrides the built-in's default split.
+    """Load a built-in by name (see the module table).
+
+    `split`: None for the built-in's default split; a mapping of `SplitSpec` fields to change only those
+    (e.g. {"train": 200} keeps the default test and dev parts, so training pairs never come from them);
+    a `SplitSpec` to replace the default entirely.
 
     `model`, `tokenizer`, `cache_dir`, `generation` and `encoder` are used only by `axbench/...`, whose
     negative side is generated with the model being steered.
     """
     root = find_data_dir(data_dir)
-    spec = SplitSpec.from_dict(split) if isinstance(split, dict) else split
+    spec = split
     family, _, rest = name.partition("/")
     if family == "persona" and rest:
         return load_persona(rest, root=root, split=spec)
@@ -164,8 +176,9 @@ def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitS
                             "cache_dir= (see axbench_pairs)")
         if not concept.isdigit():
             raise DataError(f"{name}: expected axbench/<concept id> or axbench/<setting>/<concept id>")
+        seed = spec.seed if isinstance(spec, SplitSpec) else int((spec or {}).get("seed", 42))
         concept_data = load_axbench_concept(int(concept), data_dir=root, setting=setting or DEFAULT_AXBENCH_SETTING,
-                                            seed=spec.seed if spec else 42)
+                                            seed=seed)
         return axbench_pairs(concept_data, model, tokenizer, cache_dir=cache_dir, generation=generation,
                              encoder=encoder, split=spec)
     if name == "sentiment":
@@ -173,6 +186,19 @@ def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitS
     raise DataError(f"unknown built-in dataset {name!r}; expected persona/<trait>, {', '.join(BIPO_SETS)}, "
                     "bipo/<name>, caa/<behaviour>, advanced-ai-risk/<set>, axbench/<concept id> or sentiment "
                     "(list_builtins() lists them all)")
+
+
+def split_spec(default: SplitSpec, given: SplitArg) -> SplitSpec:
+    """`default` with the fields of a mapping `given` changed (a `SplitSpec` replaces it; None keeps it)."""
+    if given is None:
+        return default
+    if isinstance(given, SplitSpec):
+        return given
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"split: expected a mapping of split fields or a SplitSpec, got {type(given).__name__}")
+    fields = {"seed": default.seed, "train": default.train, "dev": default.dev, "test": default.test,
+              "stratify": default.stratify}
+    return SplitSpec.from_dict({**fields, **dict(given)})
 
 
 def _require_file(path: Path, what: str, choices: Sequence[str] = ()) -> Path:
@@ -188,24 +214,26 @@ def _require_file(path: Path, what: str, choices: Sequence[str] = ()) -> Path:
 # ---------------------------------------------------------------------------------------------- families
 
 
-def load_persona(trait: str, *, root: Path, split: SplitSpec | None = None) -> BuiltinData:
+def load_persona(trait: str, *, root: Path, split: SplitArg = None) -> BuiltinData:
     """Anthropic persona trait: yes/no statements. Default split: test and dev min(100, 10 %) each, train
     min(500, rest) — 500/100/100 for the 1000-statement files — stratified by the matching answer so every
-    part keeps the file's Yes/No balance (the paper's 500/100 psychopathy split was never published)."""
+    part keeps the file's Yes/No balance (the paper's 500/100 psychopathy split was never published).
+    Changing the test or dev size keeps the default train cap of the rest."""
     folder = root / "anthropic-evals" / "persona"
     traits = [p.stem for p in folder.glob("*.jsonl")]
     path = _require_file(folder / f"{trait}.jsonl", f"persona trait {trait!r}", traits)
     dataset = read_pairs(path, "behavior", name=f"persona/{trait}")
-    if split is None:
-        held_out = min(100, len(dataset) // 10)
-        split = SplitSpec(test=held_out, dev=held_out, train=min(500, len(dataset) - 2 * held_out),
-                          stratify="matching_answer")
-    splits = dataset.split(split)
-    return BuiltinData(f"persona/{trait}", splits, choice_test=splits.test, files=(str(path),),
+    held_out = min(100, len(dataset) // 10)
+    spec = split_spec(SplitSpec(test=held_out, dev=held_out, train=None, stratify="matching_answer"), split)
+    if spec.train is None and not isinstance(split, SplitSpec):
+        rest = len(dataset) - _count(spec.test, len(dataset)) - _count(spec.dev, len(dataset))
+        spec = split_spec(spec, {"train": max(0, min(500, rest))})
+    splits = dataset.split(spec)
+    return BuiltinData(f"persona/{trait}", splits, choice_test=splits.test, choice_dev=splits.dev, files=(str(path),),
                        description=f"Anthropic persona trait {trait!r}: yes/no statements")
 
 
-def load_bipo(name: str, *, root: Path, split: SplitSpec | None = None) -> BuiltinData:
+def load_bipo(name: str, *, root: Path, split: SplitArg = None) -> BuiltinData:
     """BiPO open-ended pairs; test pairs from `test.csv`, A/B choice test from `test_infer.csv`."""
     folder = root / "bipo" / name
     available = [p.name for p in (root / "bipo").glob("*") if p.is_dir()]
@@ -215,20 +243,25 @@ def load_bipo(name: str, *, root: Path, split: SplitSpec | None = None) -> Built
     test = read_pairs(test_path, "matching", name=f"{name}/test")
     splits = _splits_with_test_file(train, test, split, name)
     infer_path = folder / "test_infer.csv"
-    choice_test = None
+    choice_test = choice_dev = None
     if infer_path.is_file():
         header = next(_csv_rows(infer_path), (0, {}))[1]
         if all(column in header for column in ("A", "B", "matching")):
-            choice_test = read_pairs(infer_path, "ab", name=f"{name}:choice_test")
+            # The A/B questions are the only choice items: a seeded quarter chooses multipliers, the rest tests.
+            choice = read_pairs(infer_path, "ab", name=f"{name}:choice")
+            parts = choice.split(seed=splits.spec.seed, dev=BIPO_CHOICE_DEV, test=len(choice) - BIPO_CHOICE_DEV,
+                                 stratify="matching_letter") if len(choice) > 2 * BIPO_CHOICE_DEV else None
+            choice_test = parts.test if parts else choice
+            choice_dev = parts.dev if parts else None
         else:  # BiPO's jailbreak ships a copy of test.csv under this name
             splits.warnings.append(DataWarning("unused_file", str(infer_path), None,
                                                "no A/B columns (question,A,B,matching); no choice test"))
     files = tuple(str(p) for p in (train_path, test_path, infer_path) if p.is_file())
-    return BuiltinData(name, splits, choice_test=choice_test, open_prompts=_prompts_of(splits),
+    return BuiltinData(name, splits, choice_test=choice_test, choice_dev=choice_dev, open_prompts=_prompts_of(splits),
                        files=files, description=f"BiPO {name}: open-ended polarity pairs")
 
 
-def load_caa(behaviour: str, *, root: Path, split: SplitSpec | None = None) -> BuiltinData:
+def load_caa(behaviour: str, *, root: Path, split: SplitArg = None) -> BuiltinData:
     """CAA behaviour: A/B training pairs, A/B test pairs (the test split) and open-ended test questions."""
     if behaviour not in CAA_BEHAVIOURS:
         raise DataError(f"unknown CAA behaviour {behaviour!r}; expected one of {list(CAA_BEHAVIOURS)}")
@@ -242,7 +275,7 @@ def load_caa(behaviour: str, *, root: Path, split: SplitSpec | None = None) -> B
     open_test = [EvalPrompt(_text_field(row, "question", open_path, line, "line"),
                             {"format": "open_ended", "behaviour": behaviour, "file": open_path.name, "line": line})
                  for line, row in _json_rows(open_path)]
-    return BuiltinData(f"caa/{behaviour}", splits, choice_test=splits.test,
+    return BuiltinData(f"caa/{behaviour}", splits, choice_test=splits.test, choice_dev=splits.dev,
                        open_prompts={"test": open_test}, files=(str(gen_path), str(ab_path), str(open_path)),
                        description=f"CAA {behaviour}: A/B pairs")
 
@@ -252,7 +285,7 @@ def _aar_sets(root: Path) -> list[str]:
     return sorted({p.stem for folder in _AAR_GENERATORS.values() for p in (base / folder).glob("*.jsonl")})
 
 
-def load_advanced_ai_risk(name: str, *, root: Path, split: SplitSpec | None = None) -> BuiltinData:
+def load_advanced_ai_risk(name: str, *, root: Path, split: SplitArg = None) -> BuiltinData:
     """Anthropic advanced-AI-risk A/B questions. `<set>` combines the human- and LM-generated files (meta
     `generated_by`); `human/<set>` or `lm/<set>` reads one. Default split: dev 10 %, test 20 %, stratified by
     the matching letter."""
@@ -278,12 +311,12 @@ def load_advanced_ai_risk(name: str, *, root: Path, split: SplitSpec | None = No
         warnings += found_warnings
     dataset = PairDataset.from_records(records, name=f"advanced-ai-risk/{name}", sources=[str(p) for _, p in paths],
                                        warnings=warnings)
-    splits = dataset.split(split or SplitSpec(dev=0.1, test=0.2, stratify="matching_letter"))
-    return BuiltinData(f"advanced-ai-risk/{name}", splits, choice_test=splits.test,
+    splits = dataset.split(split_spec(SplitSpec(dev=0.1, test=0.2, stratify="matching_letter"), split))
+    return BuiltinData(f"advanced-ai-risk/{name}", splits, choice_test=splits.test, choice_dev=splits.dev,
                        files=tuple(str(p) for _, p in paths), description=f"Anthropic advanced-AI-risk {name} (A/B)")
 
 
-def load_sentiment(*, root: Path, split: SplitSpec | None = None) -> BuiltinData:
+def load_sentiment(*, root: Path, split: SplitArg = None) -> BuiltinData:
     """Positive vs negative sentiment, a quick demo concept built from the DExperts sentiment prompts.
 
     The files hold OpenWebText sentence openings (`prompt.text`) with their original endings
@@ -306,7 +339,7 @@ def load_sentiment(*, root: Path, split: SplitSpec | None = None) -> BuiltinData
         records.append(SourceRecord(PolarityPair(SENTIMENT_INSTRUCTION, pos_text, neg_text, meta),
                                     str(pos_path), pos_line))
     dataset = PairDataset.from_records(records, name="sentiment", sources=[str(pos_path), str(neg_path)])
-    spec = split or SplitSpec(dev=0.1, test=0.1)
+    spec = split_spec(SplitSpec(dev=0.1, test=0.1), split)
     splits = dataset.split(spec)
     neutral = [(line, _nested_text(row, "prompt", neutral_path, line)) for line, row in _jsonl_rows(neutral_path)]
     neutral.sort(key=lambda item: _rank(spec.seed, "sentiment", item[1]))
@@ -348,10 +381,10 @@ def _rank(seed: int, *parts: Any) -> str:
     return hashlib.sha256(json.dumps([seed, *parts], ensure_ascii=False).encode()).hexdigest()
 
 
-def _splits_with_test_file(train: PairDataset, test: PairDataset, split: SplitSpec | None,
+def _splits_with_test_file(train: PairDataset, test: PairDataset, split: SplitArg,
                            name: str) -> DatasetSplits:
     """Test part from the shipped test file; dev (and a train cap) carved from the training file."""
-    spec = split or SplitSpec()
+    spec = split_spec(SplitSpec(), split)
     if spec.test:
         raise ConfigError(f"{name}: the test part comes from the shipped test file; leave split.test at 0")
     inner = train.split(spec)
@@ -463,7 +496,7 @@ class GeneratedText:
 
 def axbench_pairs(concept: AxBenchConcept, model: Any, tokenizer: Any, *, cache_dir: str | Path,
                   generation: GenerationSettings | dict | None = None, encoder: PairEncoder | None = None,
-                  split: SplitSpec | None = None) -> BuiltinData:
+                  split: SplitArg = None) -> BuiltinData:
     """AxBench pairs: (instruction, concept-laden output, the model's own unsteered answer).
 
     The negative side is generated once per (model, generation settings, rendering) and cached under
@@ -488,7 +521,7 @@ def axbench_pairs(concept: AxBenchConcept, model: Any, tokenizer: Any, *, cache_
         records.append(SourceRecord(PolarityPair(instruction, output, answer.text, meta), parquet, row, "row"))
     name = f"axbench/{concept.setting}/{concept.concept_id}"
     dataset = PairDataset.from_records(records, name=name, sources=[parquet], warnings=warnings)
-    splits = dataset.split(split or SplitSpec())
+    splits = dataset.split(split_spec(SplitSpec(), split))
     extra = {"concept": concept.concept, "generation": settings.key(), "generation_cache": str(cache_file)}
     return BuiltinData(name, splits, open_prompts=dict(concept.held_out), files=concept.files,
                        description=f"AxBench concept {concept.concept_id}: {concept.concept}", extra=extra)
@@ -566,7 +599,7 @@ def _model_fingerprint(model: Any) -> dict[str, str]:
 def _stop_ids(tokenizer: Any, encoder: PairEncoder) -> list[int]:
     """eos and the end-of-turn token (e.g. '<|im_end|>'), whichever the tokenizer has."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    turn = tokenizer(encoder.end_of_turn, add_special_tokens=False)["input_ids"] if encoder.end_of_turn else []
+    turn = tokenizer(encoder.turn_end, add_special_tokens=False)["input_ids"] if encoder.turn_end else []
     if turn and turn[0] in set(getattr(tokenizer, "all_special_ids", [])):
         ids.add(turn[0])
     return sorted(ids)

@@ -68,11 +68,19 @@ _Z95 = 1.959963984540054
 
 @dataclass
 class AccuracyByM:
-    """Accuracy on choice questions at each multiplier.
+    """Accuracy on choice questions at each multiplier, with scores a constant answer cannot satisfy.
 
     `correct[j, i]` is item (or generation row) i at multipliers[j]; `chosen` holds the answer label chosen
-    (None where a generation was unparsable). For log-prob scores, `margins` are log P(matching) −
-    log P(not matching) and `answer_mass` the probability that the answer starts with either option.
+    (None where a generation was unparsable); `matching[i]` is item i's matching label. For log-prob scores,
+    `margins` are log P(matching) − log P(not matching) and `answer_mass` the probability that the answer
+    starts with either option.
+
+    Accuracy alone hides what moves: a model that answers "No" to everything scores 0.5 on a balanced set,
+    and so does an update that only shifts the Yes/No lean. Beside accuracy, `rows()` reports per m, each
+    with a 95 % interval: the share of each answer, **balanced accuracy** (the mean of the per-class
+    accuracies, classes = the matching label; exactly 0.5 for any constant answer) and, for log-prob scores,
+    the **AUC** of the lean toward the first option (log P(option₁) − log P(option₂)) against the matching
+    label (1 = every item ranked in the matching direction, 0.5 = no discrimination, whatever the bias).
     """
 
     multipliers: list[float]
@@ -82,6 +90,8 @@ class AccuracyByM:
     method: dict[str, Any]
     margins: np.ndarray | None = None
     answer_mass: np.ndarray | None = None
+    matching: list[str] | None = None
+    not_matching: list[str] | None = None
 
     @property
     def accuracy(self) -> np.ndarray:
@@ -90,7 +100,54 @@ class AccuracyByM:
     def at(self, multiplier: float) -> float:
         return float(self.accuracy[_index_of(self.multipliers, multiplier)])
 
-    def rows(self) -> list[dict[str, Any]]:
+    def index(self, multiplier: float) -> int:
+        return _index_of(self.multipliers, multiplier)
+
+    @property
+    def options(self) -> tuple[str, str] | None:
+        """The two answer labels when every item offers the same two (None for mixed formats)."""
+        if not self.matching or not self.not_matching:
+            return None
+        labels = set(self.matching) | set(self.not_matching)
+        if len(labels) != 2 or any({m, n} != labels for m, n in zip(self.matching, self.not_matching, strict=True)):
+            return None
+        first, second = sorted(labels, key=_option_order)
+        return first, second
+
+    def leans(self) -> np.ndarray | None:
+        """[M, N] log P(option₁) − log P(option₂) (None without log-prob margins or a common option pair)."""
+        options = self.options
+        if self.margins is None or options is None:
+            return None
+        first = np.array([m == options[0] for m in self.matching], dtype=bool)
+        return np.where(first[None, :], self.margins, -self.margins)
+
+    def classes(self) -> np.ndarray:
+        """[N] True where the matching label is option₁ (or, for mixed formats, the first label seen)."""
+        labels = self.matching or []
+        reference = self.options[0] if self.options else (labels[0] if labels else "")
+        return np.array([m == reference for m in labels], dtype=bool)
+
+    def balanced_accuracy(self) -> np.ndarray:
+        """[M] the mean over matching-label classes of the per-class accuracy."""
+        return _balanced(self.correct, self.classes())
+
+    def auc(self) -> np.ndarray | None:
+        leans = self.leans()
+        return None if leans is None else np.array([_auc(row, self.classes()) for row in leans])
+
+    def rows(self, *, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+        classes = self.classes() if self.matching else None
+        balanced_ci = auc_ci = None
+        if classes is not None and classes.any() and not classes.all():
+            balanced_ci = _bootstrap_ci(lambda idx: _balanced(self.correct[:, idx], classes[idx]), classes, n_boot,
+                                        seed)
+            leans = self.leans()
+            if leans is not None:
+                auc_ci = _bootstrap_ci(lambda idx: np.array([_auc(r, classes[idx]) for r in leans[:, idx]]),
+                                       classes, n_boot, seed)
+        balanced = self.balanced_accuracy() if balanced_ci is not None else None
+        aucs = self.auc() if auc_ci is not None else None
         out = []
         for j, m in enumerate(self.multipliers):
             n = self.correct.shape[1]
@@ -99,7 +156,15 @@ class AccuracyByM:
             shares = Counter(self.chosen[j])
             row: dict[str, Any] = {"multiplier": m, "accuracy": k / n, "n": n, "n_correct": k, "ci_low": low,
                                    "ci_high": high,
-                                   "answer_shares": {str(a): c / n for a, c in sorted(shares.items(), key=str)}}
+                                   "answer_shares": {str(a): c / n for a, c in sorted(shares.items(), key=str)},
+                                   "answer_share_ci": {str(a): wilson_interval(c, n)
+                                                       for a, c in sorted(shares.items(), key=str)}}
+            if balanced is not None:
+                row["balanced_accuracy"] = float(balanced[j])
+                row["balanced_ci"] = [float(balanced_ci[0][j]), float(balanced_ci[1][j])]
+            if aucs is not None:
+                row["auc"] = float(aucs[j])
+                row["auc_ci"] = [float(auc_ci[0][j]), float(auc_ci[1][j])]
             if self.margins is not None and self.answer_mass is not None:
                 row["mean_margin"] = float(self.margins[j].mean())
                 row["mean_answer_mass"] = float(self.answer_mass[j].mean())
@@ -112,9 +177,54 @@ class AccuracyByM:
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "method": self.method, "rows": self.rows(),
-                "correct": self.correct.tolist(), "chosen": self.chosen,
+                "correct": self.correct.tolist(), "chosen": self.chosen, "matching": self.matching,
+                "not_matching": self.not_matching,
                 "margins": None if self.margins is None else self.margins.tolist(),
                 "answer_mass": None if self.answer_mass is None else self.answer_mass.tolist()}
+
+
+def _option_order(label: str) -> tuple[int, str]:
+    # "Yes" before "No" (the lean is toward agreeing); letters alphabetically.
+    return ({"yes": 0, "no": 1}.get(label.lower(), 2), label)
+
+
+def _balanced(correct: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    parts = [correct[:, group].mean(axis=1) for group in (classes, ~classes) if group.any()]
+    return np.mean(parts, axis=0)
+
+
+def _auc(scores: np.ndarray, classes: np.ndarray) -> float:
+    """P(score of a class-True item > score of a class-False item), ties counting half (Mann–Whitney)."""
+    pos, neg = scores[classes], scores[~classes]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(order.size)
+    values = np.concatenate([pos, neg])[order]
+    # Average ranks over ties.
+    i = 0
+    while i < values.size:
+        j = i
+        while j + 1 < values.size and values[j + 1] == values[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = ranks[:pos.size].sum()
+    return float((rank_sum - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+
+
+def _bootstrap_ci(statistic, classes: np.ndarray, n_boot: int, seed: int,
+                  level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of `statistic(indices)` ([M] per resample), resampling items within each class."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(classes), np.flatnonzero(~classes)]
+    draws = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups if g.size])
+        draws.append(statistic(idx))
+    stacked = np.asarray(draws)
+    tail = (1 - level) / 2 * 100
+    return np.nanpercentile(stacked, tail, axis=0), np.nanpercentile(stacked, 100 - tail, axis=0)
 
 
 @dataclass
@@ -241,8 +351,8 @@ def prepare_choice_items(pairs: Sequence[PolarityPair], tokenizer: Any, encoder:
                                     _spelled_ids(tokenizer, matching, spellings),
                                     _spelled_ids(tokenizer, not_matching, spellings)))
             continue
-        positive = tokenizer(pair.positive, add_special_tokens=False)["input_ids"]
-        negative = tokenizer(pair.negative, add_special_tokens=False)["input_ids"]
+        positive = encoder.encode_answer(pair.positive, pair.prompt)
+        negative = encoder.encode_answer(pair.negative, pair.prompt)
         shared = 0
         while shared < min(len(positive), len(negative)) and positive[shared] == negative[shared]:
             shared += 1
@@ -306,7 +416,8 @@ def choice_accuracy(model: nn.Module, tokenizer: Any, pairs: Sequence[PolarityPa
     chosen = [[it.matching if margins[j, i] > 0 else it.not_matching for i, it in enumerate(items)]
               for j in range(len(grid))]
     method = _choice_method(items, tokenizer, answer_spellings)
-    return AccuracyByM(grid, margins > 0, chosen, "logprob", method, margins, mass)
+    return AccuracyByM(grid, margins > 0, chosen, "logprob", method, margins, mass,
+                       [it.matching for it in items], [it.not_matching for it in items])
 
 
 def yes_no_accuracy(model: nn.Module, tokenizer: Any, pairs: Sequence[PolarityPair], update: Update | None,
@@ -387,8 +498,13 @@ def generated_choice_accuracy(generations: Sequence[Generation], pairs: Sequence
     if len(set(sizes.values())) != 1:
         raise DataError(f"uneven generations per multiplier: {sizes}")
     correct, chosen = [], []
+    matching: list[str] = []
+    not_matching: list[str] = []
     for m in grid:
         rows = sorted(by_m[m], key=lambda g: (g.prompt_index, g.sample))
+        if not matching:
+            matching = [_matching_label(formats[g.prompt_index]) for g in rows]
+            not_matching = [_not_matching_label(formats[g.prompt_index]) for g in rows]
         answers = []
         for g in rows:
             meta = formats[g.prompt_index]
@@ -397,7 +513,8 @@ def generated_choice_accuracy(generations: Sequence[Generation], pairs: Sequence
         correct.append([a is not None and a.lower() == _matching_label(meta).lower() for a, meta in answers])
     method = {"parser": "parse_yes_no / parse_ab", "unparsable": "counted as wrong",
               "settings": generations[0].settings, "update_id": generations[0].update_id}
-    return AccuracyByM(grid, np.asarray(correct, dtype=bool), chosen, "generation", method)
+    return AccuracyByM(grid, np.asarray(correct, dtype=bool), chosen, "generation", method,
+                       matching=matching, not_matching=not_matching)
 
 
 def generation_accuracy(model: nn.Module, tokenizer: Any, pairs: Sequence[PolarityPair], update: Update | None,
@@ -463,7 +580,7 @@ def steered_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[Referen
     encoded, n_truncated = [], 0
     for i, text in enumerate(texts):
         prompt_ids = encoder.encode_prompt(text.prompt)
-        suffix = encoder.end_of_turn if include_end_of_turn else ""
+        suffix = encoder.turn_end if include_end_of_turn else ""
         completion_ids = tokenizer(text.completion + suffix, add_special_tokens=False)["input_ids"]
         room = max_length - len(prompt_ids)
         if room < 1:
@@ -578,6 +695,99 @@ def select_multiplier(scores: Any, criterion: str = "accuracy", *, maximize: boo
     return MultiplierSelection(chosen, value, criterion, maximize, float(tolerance), sorted(tied), table)
 
 
+def change_from_zero(result: AccuracyByM, multiplier: float, *, metric: str = "balanced_accuracy",
+                     n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """The paired change of `metric` from m = 0 to `multiplier` on the same items, with a bootstrap interval.
+
+    Items are resampled once per draw and scored at both multipliers, so the interval is that of the
+    difference. "The update steers" at m means this interval excludes 0.
+    """
+    if metric not in ("accuracy", "balanced_accuracy"):
+        raise ConfigError(f"change_from_zero: metric must be accuracy or balanced_accuracy, got {metric!r}")
+    j, zero = result.index(multiplier), result.index(0.0)
+    classes = result.classes()
+    pair = result.correct[[zero, j]]
+
+    def statistic(idx: np.ndarray) -> np.ndarray:
+        chosen = pair[:, idx]
+        values = _balanced(chosen, classes[idx]) if metric == "balanced_accuracy" else chosen.mean(axis=1)
+        return np.array([values[1] - values[0]])
+
+    point = float(statistic(np.arange(classes.size))[0])
+    low, high = _bootstrap_ci(statistic, classes, n_boot, seed, level)
+    return {"multiplier": float(multiplier), "metric": metric, "change": point, "ci_low": float(low[0]),
+            "ci_high": float(high[0]), "separated": bool(low[0] > 0 or high[0] < 0)}
+
+
+@dataclass(frozen=True)
+class SteeringSelection:
+    """The multipliers that steer toward the concept (`toward`, m ≥ 0) and away from it (`away`, m ≤ 0).
+
+    `toward` maximises the dev criterion over m ≥ 0, `away` minimises it over m ≤ 0 (m = 0 competes on both
+    sides, so an update that does not move the score is reported at m = 0). The default criterion, balanced
+    accuracy, is exactly 0.5 for any constant answer, so a model that says "No" to everything cannot win.
+    """
+
+    toward: MultiplierSelection
+    away: MultiplierSelection
+    criterion: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "toward": self.toward.to_dict(), "away": self.away.to_dict()}
+
+
+def select_steering(dev: AccuracyByM | Sequence[Mapping[str, Any]], criterion: str = "balanced_accuracy", *,
+                    tolerance: float = 0.0) -> SteeringSelection:
+    """Choose +m and −m on dev (see `SteeringSelection`; ties as in `select_multiplier`)."""
+    rows = dev.rows() if isinstance(dev, AccuracyByM) else [dict(r) for r in dev]
+    if rows and criterion not in rows[0]:
+        raise ConfigError(f"select_steering: criterion {criterion!r} not in the scores (available: "
+                          f"{sorted(k for k in rows[0] if k != 'multiplier')})")
+    toward = [r for r in rows if r["multiplier"] >= 0]
+    away = [r for r in rows if r["multiplier"] <= 0]
+    if not toward or not away:
+        raise ConfigError("select_steering: the grid needs m >= 0 and m <= 0 values (include m = 0)")
+    return SteeringSelection(select_multiplier(toward, criterion, maximize=True, tolerance=tolerance),
+                             select_multiplier(away, criterion, maximize=False, tolerance=tolerance), criterion)
+
+
+def calibrated_accuracy(dev: AccuracyByM, test: AccuracyByM) -> list[dict[str, Any]]:
+    """Test accuracy after moving the decision threshold on the lean to where it is best on dev, per m.
+
+    At each multiplier present in both, the threshold τ on log P(option₁) − log P(option₂) that maximises
+    dev accuracy is applied to test (ties: the τ closest to 0, the uncalibrated rule). This separates
+    "the update orders the items in the matching direction" from "its answers sit on one side": it is what
+    the accuracy would be if only the bias were corrected, never a claim about the raw answers.
+    """
+    dev_leans, test_leans = dev.leans(), test.leans()
+    if dev_leans is None or test_leans is None or dev.options != test.options:
+        raise ConfigError("calibrated_accuracy: needs log-prob scores of items with the same two options on dev "
+                          "and test")
+    dev_classes, test_classes = dev.classes(), test.classes()
+    rows = []
+    for m in test.multipliers:
+        if m not in dev.multipliers:
+            continue
+        threshold, dev_acc = _best_threshold(dev_leans[dev.index(m)], dev_classes)
+        predicted = test_leans[test.index(m)] > threshold
+        k = int((predicted == test_classes).sum())
+        n = test_classes.size
+        low, high = wilson_interval(k, n)
+        rows.append({"multiplier": m, "threshold": threshold, "dev_accuracy": dev_acc, "calibrated_accuracy": k / n,
+                     "ci_low": low, "ci_high": high, "n": n})
+    return rows
+
+
+def _best_threshold(leans: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
+    values = np.unique(leans)
+    candidates = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0], [0.0]])
+    accuracy = np.array([np.mean((leans > t) == classes) for t in candidates])
+    best = accuracy.max()
+    tied = candidates[accuracy >= best - 1e-12]
+    threshold = float(tied[np.argmin(np.abs(tied))])
+    return threshold, float(best)
+
+
 # =============================================================================================== internals
 
 
@@ -666,6 +876,10 @@ def _choice_method(items: Sequence[ChoiceItem], tokenizer: Any,
 
 def _matching_label(meta: Mapping[str, Any]) -> str:
     return str(meta["matching_letter"] if meta["format"] == "ab" else meta["matching_answer"])
+
+
+def _not_matching_label(meta: Mapping[str, Any]) -> str:
+    return str(meta["not_matching_letter"] if meta["format"] == "ab" else meta["not_matching_answer"])
 
 
 def _where(pair: PolarityPair) -> str:

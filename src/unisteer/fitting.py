@@ -68,10 +68,17 @@ _L_MIN, _L_MAX_FACTOR = 0.01, 100.0
 _P_MIN, _P_MAX = 0.01, 10.0
 _CONTINUITY_TOL = 1e-6  # on the log form, i.e. a relative gap of D₊(0) vs D₋(0)
 _BOUND_TOL = 1e-6
+_ENVELOPE_TOL = 1e-6
 _SCREEN_ITERATIONS = 40
 _SCREEN_CONTINUITY_TOL = 1e-3
 _REFINED_STARTS = 3
 _REFINE_ITERATIONS = 400
+# The fitted curve must stay within the data's range widened by this share of it on each side, everywhere
+# between the smallest and largest multiplier: no dips or peaks that no measured point supports.
+ENVELOPE_SLACK = 0.05
+_POINTS_PER_GAP = 3  # envelope points strictly between consecutive multipliers
+# A curve whose whole variation is below this many typical 95 % half-widths is noise, whatever its R².
+MIN_SIGNAL_HALF_WIDTHS = 2.0
 
 # Start grid: half-widths (D = 1/2) in units of range, and powers.
 _START_HALF_WIDTHS = (0.15, 0.4, 1.0, 3.0)
@@ -186,7 +193,9 @@ class DecayFit:
     """A fitted preference or utility curve. ``alpha`` is None for utility fits.
 
     ``r2`` is None when the fitted data are flat (SS_tot = 0). ``poor_fit`` is True when R² is undefined or
-    below the threshold, the continuity constraint is not met, or there are fewer points than parameters;
+    below the threshold, the continuity constraint is not met, there are fewer points than parameters, or
+    the data do not determine the curve (``undetermined``: given per-point standard errors, the whole
+    variation is within ``MIN_SIGNAL_HALF_WIDTHS`` typical 95 % half-widths — a high R² there fits noise);
     ``warnings`` says why, and also lists parameters that ended at a bound.
     """
 
@@ -201,6 +210,7 @@ class DecayFit:
     multiplier_range: float
     poor_fit: bool
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    undetermined: bool = False
 
     def predict(self, m: Any) -> np.ndarray:
         m = np.asarray(m, dtype=np.float64)
@@ -256,6 +266,7 @@ class DecayFit:
             "range_definition": RANGE_DEFINITION,
             "continuity_gap": self.continuity_gap,
             "poor_fit": self.poor_fit,
+            "undetermined": self.undetermined,
             "warnings": list(self.warnings),
             "breakdown": {"negative": self.breakdown_negative, "positive": self.breakdown_positive},
             "regions": {
@@ -293,21 +304,22 @@ class DecayFit:
             multiplier_range=data["multiplier_range"],
             poor_fit=data["poor_fit"],
             warnings=tuple(data.get("warnings", ())),
+            undetermined=bool(data.get("undetermined", False)),
         )
 
 
 def fit_preference(
-    m: Any, y: Any, *, n_random_starts: int = 12, seed: int = 0, poor_fit_r2: float = POOR_FIT_R2
+    m: Any, y: Any, *, sem: Any = None, n_random_starts: int = 12, seed: int = 0, poor_fit_r2: float = POOR_FIT_R2
 ) -> DecayFit:
-    """Fit ``PrefOdds(m) = (α·m + β)·D_p(m) + b`` to points (m, y)."""
-    return _fit("preference", m, y, n_random_starts=n_random_starts, seed=seed, poor_fit_r2=poor_fit_r2)
+    """Fit ``PrefOdds(m) = (α·m + β)·D_p(m) + b`` to points (m, y); `sem` are their standard errors."""
+    return _fit("preference", m, y, sem, n_random_starts=n_random_starts, seed=seed, poor_fit_r2=poor_fit_r2)
 
 
 def fit_utility(
-    m: Any, y: Any, *, n_random_starts: int = 12, seed: int = 0, poor_fit_r2: float = POOR_FIT_R2
+    m: Any, y: Any, *, sem: Any = None, n_random_starts: int = 12, seed: int = 0, poor_fit_r2: float = POOR_FIT_R2
 ) -> DecayFit:
-    """Fit ``UtilOdds(m) = β_u·D_u(m) + b_u`` to points (m, y)."""
-    return _fit("utility", m, y, n_random_starts=n_random_starts, seed=seed, poor_fit_r2=poor_fit_r2)
+    """Fit ``UtilOdds(m) = β_u·D_u(m) + b_u`` to points (m, y); `sem` are their standard errors."""
+    return _fit("utility", m, y, sem, n_random_starts=n_random_starts, seed=seed, poor_fit_r2=poor_fit_r2)
 
 
 def score(fit: DecayFit, m: Any, y: Any) -> float | None:
@@ -336,6 +348,8 @@ class _Problem:
     t: np.ndarray  # (y − c) / s
     positive: np.ndarray  # m ≥ 0
     bounds: tuple[tuple[float, float], ...]
+    dense_x: np.ndarray = field(default_factory=lambda: np.zeros(0))  # where the envelope is enforced
+    min_width: float = 0.0  # smallest gap between multipliers: no decay may be narrower (normalised units)
 
     @property
     def n_linear(self) -> int:
@@ -347,39 +361,56 @@ class _Solution:
     theta: np.ndarray
     loss: float
     continuity: float
+    envelope: float  # the smallest envelope margin (≥ 0: inside), normalised units
 
 
-def _fit(kind: str, m: Any, y: Any, *, n_random_starts: int, seed: int, poor_fit_r2: float) -> DecayFit:
+def _between(x: np.ndarray) -> np.ndarray:
+    """The data's multipliers and `_POINTS_PER_GAP` evenly spaced points inside every gap between them."""
+    fractions = np.arange(1, _POINTS_PER_GAP + 1) / (_POINTS_PER_GAP + 1)
+    inside = (x[:-1, None] + (x[1:] - x[:-1])[:, None] * fractions[None, :]).reshape(-1)
+    return np.union1d(x, inside)
+
+
+def _fit(kind: str, m: Any, y: Any, sem: Any, *, n_random_starts: int, seed: int, poor_fit_r2: float) -> DecayFit:
     m_arr, y_arr = _validated_points(m, y)
     n_params = len(PARAM_NAMES[kind])
     notes = _input_warnings(m_arr, n_params)
+    undetermined = _noise_note(y_arr, sem, notes)
 
     m_range = float(np.max(np.abs(m_arr)))
     y_center = (float(y_arr.max()) + float(y_arr.min())) / 2.0
     y_scale = (float(y_arr.max()) - float(y_arr.min())) / 2.0
     if y_scale == 0.0:
         y_scale = 1.0  # flat data: any scale works; R² is reported as undefined below
+    x = m_arr / m_range
     problem = _Problem(
         kind=kind,
-        x=m_arr / m_range,
+        x=x,
         t=(y_arr - y_center) / y_scale,
         positive=m_arr >= 0,
         bounds=_normalised_bounds(kind, m_range),
+        dense_x=_between(np.unique(x)),
+        min_width=float(np.min(np.diff(np.unique(x)))),
     )
 
-    # Screen every start with a short run, then refine the most promising ones to convergence.
+    # Screen every start with a short run (continuity only), then refine the most promising ones to
+    # convergence under the envelope too.
     screened = [
-        _solve(problem, start, _SCREEN_ITERATIONS) for start in _starts(problem, n_random_starts, seed)
+        _solve(problem, start, _SCREEN_ITERATIONS, envelope=False) for start in _starts(problem, n_random_starts, seed)
     ]
     screened.sort(key=lambda s: (abs(s.continuity) > _SCREEN_CONTINUITY_TOL, s.loss))
-    refined = [_solve(problem, s.theta, _REFINE_ITERATIONS) for s in screened[:_REFINED_STARTS]]
+    refined = [_solve(problem, s.theta, _REFINE_ITERATIONS, envelope=True) for s in screened[:_REFINED_STARTS]]
     solutions = refined + screened
-    feasible = [s for s in solutions if abs(s.continuity) <= _CONTINUITY_TOL]
+    feasible = [s for s in solutions if abs(s.continuity) <= _CONTINUITY_TOL and s.envelope >= -_ENVELOPE_TOL]
     if feasible:
         best = min(feasible, key=lambda s: s.loss)
     else:
-        best = min(solutions, key=lambda s: abs(s.continuity))
-        notes.append(f"continuity constraint not met at any start (log-gap {best.continuity:.3g})")
+        best = min(solutions, key=lambda s: (abs(s.continuity) > _CONTINUITY_TOL, -min(s.envelope, 0.0), s.loss))
+        if abs(best.continuity) > _CONTINUITY_TOL:
+            notes.append(f"continuity constraint not met at any start (log-gap {best.continuity:.3g})")
+        if best.envelope < -_ENVELOPE_TOL:
+            notes.append(f"the curve leaves the data's range between multipliers by "
+                         f"{-best.envelope * y_scale:.3g} (no start kept it inside)")
     notes.extend(_at_bound_warnings(problem, best.theta))
 
     fit = _to_original_units(kind, best.theta, m_range, y_center, y_scale, n_points=int(m_arr.size))
@@ -389,14 +420,33 @@ def _fit(kind: str, m: Any, y: Any, *, n_random_starts: int, seed: int, poor_fit
         notes.append("data are flat (SS_tot = 0): R² is undefined")
     elif r2 < poor_fit_r2:
         notes.append(f"R² = {r2:.3f} is below {poor_fit_r2}")
-    poor = r2 is None or r2 < poor_fit_r2 or not feasible or m_arr.size < n_params
+    poor = r2 is None or r2 < poor_fit_r2 or not feasible or m_arr.size < n_params or undetermined
     return replace(
         fit,
         r2=r2,
         rss=float(np.sum((y_arr - predicted) ** 2)),
         poor_fit=bool(poor),
         warnings=tuple(notes),
+        undetermined=undetermined,
     )
+
+
+def _noise_note(y: np.ndarray, sem: Any, notes: list[str]) -> bool:
+    """Whether the points vary less than their noise; appends the reason to `notes`."""
+    if sem is None:
+        return False
+    errors = _as_vector(sem, "sem")
+    if errors.size != y.size:
+        raise FitError(f"sem must have one value per point, got {errors.size} for {y.size}")
+    if not np.all(np.isfinite(errors)) or np.any(errors < 0):
+        raise FitError("sem must be finite and non-negative")
+    half_width = 1.96 * float(np.median(errors))
+    spread = float(np.ptp(y))
+    if spread < MIN_SIGNAL_HALF_WIDTHS * half_width:
+        notes.append(f"not determined by the data: the points vary by {spread:.3g}, less than "
+                     f"{MIN_SIGNAL_HALF_WIDTHS:g} typical 95 % half-widths ({half_width:.3g}) of their noise")
+        return True
+    return False
 
 
 def _validated_points(m: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -460,8 +510,13 @@ def _side_with_jacobian(
     return d, jac
 
 
-def _model_with_jacobian(problem: _Problem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x, pos = problem.x, problem.positive
+def _model_with_jacobian(problem: _Problem, theta: np.ndarray,
+                         x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The model and its Jacobian at the data points (or at `x`, in normalised units)."""
+    if x is None:
+        x, pos = problem.x, problem.positive
+    else:
+        pos = x >= 0
     n_lin = problem.n_linear
     d = np.empty_like(x)
     d_jac = np.zeros((x.size, 6))
@@ -506,14 +561,49 @@ def _log_continuity_grad(theta: np.ndarray, n_lin: int) -> np.ndarray:
     return grad
 
 
-def _solve(problem: _Problem, start: np.ndarray, max_iterations: int) -> _Solution:
+def _envelope(theta: np.ndarray, problem: _Problem) -> np.ndarray:
+    """≥ 0 where the curve stays inside the widened data range at every dense point (normalised units)."""
+    value, _ = _model_with_jacobian(problem, theta, problem.dense_x)
+    limit = 1.0 + 2.0 * ENVELOPE_SLACK
+    return np.concatenate([limit - value, value + limit])
+
+
+def _width(theta: np.ndarray, problem: _Problem) -> np.ndarray:
+    """≥ 0 where each side's curvature width sqrt(L/p) is at least the smallest gap between multipliers.
+
+    A narrower decay is not determined by the data: it could hide a spike between two measured points.
+    """
     n_lin = problem.n_linear
-    constraint = {
+    _, lp, pp, _, lm, pm = theta[n_lin:n_lin + 6]
+    w2 = problem.min_width ** 2
+    return np.array([lp - pp * w2, lm - pm * w2])
+
+
+def _width_jacobian(theta: np.ndarray, problem: _Problem) -> np.ndarray:
+    n_lin = problem.n_linear
+    w2 = problem.min_width ** 2
+    jac = np.zeros((2, theta.size))
+    jac[0, n_lin + 1], jac[0, n_lin + 2] = 1.0, -w2
+    jac[1, n_lin + 4], jac[1, n_lin + 5] = 1.0, -w2
+    return jac
+
+
+def _envelope_jacobian(theta: np.ndarray, problem: _Problem) -> np.ndarray:
+    _, jac = _model_with_jacobian(problem, theta, problem.dense_x)
+    return np.vstack([-jac, jac])
+
+
+def _solve(problem: _Problem, start: np.ndarray, max_iterations: int, *, envelope: bool) -> _Solution:
+    n_lin = problem.n_linear
+    constraints = [{
         "type": "eq",
         "fun": _log_continuity,
         "jac": _log_continuity_grad,
         "args": (n_lin,),
-    }
+    }]
+    if envelope and problem.dense_x.size:
+        constraints.append({"type": "ineq", "fun": _envelope, "jac": _envelope_jacobian, "args": (problem,)})
+        constraints.append({"type": "ineq", "fun": _width, "jac": _width_jacobian, "args": (problem,)})
     result = minimize(
         _loss_and_grad,
         start,
@@ -521,15 +611,17 @@ def _solve(problem: _Problem, start: np.ndarray, max_iterations: int) -> _Soluti
         jac=True,
         method="SLSQP",
         bounds=problem.bounds,
-        constraints=[constraint],
+        constraints=constraints,
         options={"maxiter": max_iterations, "ftol": 1e-12},
     )
     theta = _clip(np.asarray(result.x, dtype=np.float64), problem.bounds)
     theta = _polish_linear(problem, theta)
     loss, _ = _loss_and_grad(theta, problem)
     if not np.isfinite(loss):
-        return _Solution(theta, math.inf, math.inf)
-    return _Solution(theta, loss, _log_continuity(theta, n_lin))
+        return _Solution(theta, math.inf, math.inf, -math.inf)
+    inside = float(min(_envelope(theta, problem).min(), _width(theta, problem).min())) if problem.dense_x.size \
+        else 0.0
+    return _Solution(theta, loss, _log_continuity(theta, n_lin), inside)
 
 
 def _polish_linear(problem: _Problem, theta: np.ndarray) -> np.ndarray:
@@ -541,6 +633,8 @@ def _polish_linear(problem: _Problem, theta: np.ndarray) -> np.ndarray:
         return theta
     before, _ = _loss_and_grad(theta, problem)
     after, _ = _loss_and_grad(candidate, problem)
+    if problem.dense_x.size and _envelope(candidate, problem).min() < min(0.0, _envelope(theta, problem).min()):
+        return theta  # the exact linear solution would leave the envelope the optimiser kept
     return candidate if after < before else theta
 
 

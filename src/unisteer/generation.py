@@ -206,8 +206,8 @@ def generate_steered(
 def stop_token_ids(tokenizer: Any, encoder: PairEncoder) -> list[int]:
     """Token ids that end an answer: eos and the template's end-of-turn token (e.g. '<|im_end|>')."""
     ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    if encoder.end_of_turn:
-        turn = tokenizer(encoder.end_of_turn, add_special_tokens=False)["input_ids"]
+    if encoder.turn_end:
+        turn = tokenizer(encoder.turn_end, add_special_tokens=False)["input_ids"]
         # Only a special token can mark the end reliably; a plain-text suffix would also stop mid-answer.
         if turn and turn[0] in set(getattr(tokenizer, "all_special_ids", [])):
             ids.add(int(turn[0]))

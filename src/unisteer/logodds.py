@@ -268,6 +268,42 @@ def aggregate_per_multiplier(
     return AggregatedCurve(m=distinct, aggregates=tuple(aggregates))
 
 
+def paired_change(
+    multipliers: Any,
+    examples: Any,
+    values: Any,
+    *,
+    reference: float = 0.0,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> AggregatedCurve:
+    """Per m, the mean over examples of value(m) − value(reference) for the same example, with its CI.
+
+    Pairing by example removes the spread between examples that the per-m intervals carry, so "the update
+    moved this quantity at m" is read from whether this interval excludes 0 — not from overlapping
+    per-m intervals or from curve endpoints. Examples without a value at `reference` are left out.
+    """
+    m = _as_vector(multipliers, "multipliers")
+    data = _as_vector(values, "values")
+    ids = np.asarray(examples).reshape(-1)
+    if not (m.size == data.size == ids.size):
+        raise LogOddsError(f"multipliers, examples and values differ in length ({m.size}, {ids.size}, {data.size})")
+    _require_finite(data, "values")
+    at_reference = {ids[i]: data[i] for i in np.flatnonzero(m == reference)}
+    if not at_reference:
+        raise LogOddsError(f"no values at the reference multiplier {reference:g}")
+    aggregates, distinct = [], []
+    for m_value in np.unique(m):
+        rows = [i for i in np.flatnonzero(m == m_value) if ids[i] in at_reference]
+        if not rows:
+            continue
+        change = np.array([data[i] - at_reference[ids[i]] for i in rows])
+        aggregates.append(aggregate(change, n_boot=n_boot, level=level, seed=seed))
+        distinct.append(m_value)
+    return AggregatedCurve(m=np.asarray(distinct, dtype=np.float64), aggregates=tuple(aggregates))
+
+
 def _bootstrap_means(data: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rows_per_chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // data.size)

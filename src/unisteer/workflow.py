@@ -1,0 +1,471 @@
+"""The steps every entry point shares (the CLI subcommands and `unisteer run` call these, never their own copy).
+
+- `load_data`: a built-in or a file of pairs, with the one seeded split every command uses.
+- `resolve_layer`, `resolve_rendering`: the measured defaults (layer per model, rendering per dataset).
+- `train_cell`: train or compute one update, recording its training pairs, split and rendering.
+- `check_held_out`: refuse to evaluate an update on pairs it was trained on.
+- `choose_rendering`: measure which rendering lets the plain model's own fluency show on a dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import (
+    PairDataset,
+    PairEncoder,
+    PolarityPair,
+    Rendering,
+    SplitSpec,
+    answer_meta,
+    collate_pairs,
+    read_pairs,
+)
+from .datasets_builtin import BuiltinData, load_builtin, split_spec
+from .errors import ConfigError, DataError
+from .evaluation import (
+    AccuracyByM,
+    SteeringSelection,
+    calibrated_accuracy,
+    change_from_zero,
+    choice_accuracy,
+    select_steering,
+)
+from .scoring import final_hidden, token_nll_from_hidden
+from .updates import Update
+
+log = logging.getLogger(__name__)
+
+# The end-of-turn suffix is part of the completion when the plain model more likely than not ends its turn
+# right after the answer (its NLL below ln 2).
+END_OF_TURN_MAX_NLL = math.log(2.0)
+RENDERING_SAMPLE = 32
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class RenderingChoice:
+    """The measured rendering and the numbers that chose it (recorded with results)."""
+
+    rendering: Rendering
+    answer_nll: dict[str, float]  # completion_space -> mean answer NLL (nats per completion)
+    end_of_turn_nll: float  # mean NLL of the end-of-turn suffix after the chosen answers
+    pairs: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rendering": self.rendering.to_dict(), "answer_nll": self.answer_nll,
+                "end_of_turn_nll": self.end_of_turn_nll, "end_of_turn_max_nll": END_OF_TURN_MAX_NLL,
+                "pairs": self.pairs, "rule": "completion_space with the lower mean answer NLL under the plain "
+                "model; end-of-turn appended when its mean NLL after the answer is below ln 2",
+                "notes": self.notes}
+
+
+@torch.no_grad()
+def choose_rendering(model: nn.Module, tokenizer: Any, pairs: PairDataset | Sequence[PolarityPair], *,
+                     sample: int = RENDERING_SAMPLE, max_length: int = 512, batch_size: int = 16,
+                     plain_format: str = "{prompt}") -> RenderingChoice:
+    """Pick the rendering under which the plain model finds the completions most natural.
+
+    On the first `sample` pairs (train pairs: never the held-out ones), the plain model scores both
+    completions with their leading whitespace kept as written and joined to the prompt (see `Rendering`),
+    followed by the end-of-turn suffix. The spelling with the lower answer NLL wins; the suffix is kept
+    when the model would end its turn there anyway. SmolLM2 on persona questions: " No" after
+    "assistant\\n" costs ~12.6 nats, "No" ~2.6, and the end of turn right after the bare answer ~8.6.
+    """
+    chosen_pairs = list(pairs)[:sample]
+    if not chosen_pairs:
+        raise DataError("choose_rendering: no pairs to measure on")
+    answer_nll: dict[str, float] = {}
+    suffix_nll: dict[str, float] = {}
+    for space in ("join", "keep"):
+        encoder = PairEncoder(tokenizer, Rendering(completion_space=space, end_of_turn=True,
+                                                   plain_format=plain_format), max_length=max_length)
+        answer_nll[space], suffix_nll[space] = _answer_and_suffix_nll(model, encoder, chosen_pairs, batch_size)
+    space = min(answer_nll, key=lambda k: (answer_nll[k], k != "join"))
+    end_of_turn = suffix_nll[space] < END_OF_TURN_MAX_NLL
+    rendering = Rendering(completion_space=space, end_of_turn=end_of_turn, plain_format=plain_format,
+                          name="measured")
+    notes = []
+    if answer_nll["join"] == answer_nll["keep"]:
+        notes.append("the completions have no leading whitespace to join or keep")
+    return RenderingChoice(rendering, answer_nll, suffix_nll[space], len(chosen_pairs), notes)
+
+
+def _answer_and_suffix_nll(model: nn.Module, encoder: PairEncoder, pairs: Sequence[PolarityPair],
+                           batch_size: int) -> tuple[float, float]:
+    """Mean summed NLL per completion of the answer tokens and of the suffix tokens (both polarities)."""
+    device = next(model.parameters()).device
+    encoded = encoder.encode_all(pairs)
+    answer_total = suffix_total = 0.0
+    count = 0
+    for side in ("positive", "negative"):
+        for start in range(0, len(encoded), batch_size):
+            batch = collate_pairs(encoded[start:start + batch_size], side, pad_token_id=encoder.pad_token_id)
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            token_nll = token_nll_from_hidden(model, final_hidden(model, ids, mask), batch.labels.to(device))
+            answer = batch.answer_mask.to(device)
+            suffix = batch.completion_mask.to(device) & ~answer
+            answer_total += float((token_nll * answer).sum())
+            suffix_total += float((token_nll * suffix).sum())
+            count += ids.shape[0]
+    return answer_total / count, suffix_total / count
+
+
+# ---------------------------------------------------------------------------------------------- held-out
+
+
+def trained_pair_ids(update: Update) -> set[str] | None:
+    """Content ids of the pairs an update was trained on (None when its metadata does not say)."""
+    data = update.spec.training.get("data") if isinstance(update.spec.training, dict) else None
+    ids = data.get("pair_ids") if isinstance(data, dict) else None
+    return set(ids) if isinstance(ids, list) else None
+
+
+def check_held_out(update: Update, pairs: PairDataset, *, name: str, allow_overlap: bool = False) -> int:
+    """Refuse (or, with `allow_overlap`, warn loudly) when `pairs` include pairs `update` was trained on.
+
+    Returns the number of overlapping pairs. An update without training provenance is let through with a
+    warning: its overlap cannot be checked.
+    """
+    trained = trained_pair_ids(update)
+    label = update.spec.name or update.spec.form
+    if trained is None:
+        log.warning("update %s records no training pairs: cannot check that %s (%s) is held out", label, name,
+                    pairs.name)
+        return 0
+    overlap = sum(pair_id in trained for pair_id in pairs.content_ids())
+    if overlap:
+        message = (f"update {label!r} was trained on {overlap} of the {len(pairs)} pairs of {name} ({pairs.name}); "
+                   "scores on them are not held-out results. Use the split the update was trained with (same "
+                   "--split-seed and sizes) or pass --allow-overlap")
+        if not allow_overlap:
+            raise DataError(message)
+        log.warning("WARNING: %s", message)
+    return overlap
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_data(name: str, *, data_dir: str | None = None, fields: Any = None,
+              split: Mapping[str, Any] | None = None, model: nn.Module | None = None, tokenizer: Any = None,
+              cache_dir: str | Path | None = None) -> BuiltinData:
+    """A built-in dataset by name, or one read from a JSONL/JSON/CSV/Parquet file of pairs.
+
+    `split` changes fields of the dataset's default split (`datasets_builtin.split_spec`): every command
+    that is given the same values gets the same parts, and sizes never move test or dev pairs into train.
+    """
+    path = Path(name)
+    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        dataset = read_pairs(path, fields)
+        splits = dataset.split(split_spec(SplitSpec(dev=0.1, test=0.1), split))
+        choice = splits.test if _all_choice(splits.test) else None
+        return BuiltinData(name=str(path), splits=splits, choice_test=choice, files=(str(path),))
+    return load_builtin(name, data_dir=data_dir, split=split, model=model, tokenizer=tokenizer,
+                        cache_dir=cache_dir)
+
+
+def _all_choice(dataset: PairDataset) -> bool:
+    return len(dataset) > 0 and all(
+        answer_meta(p.prompt, p.positive, p.negative)["format"] in ("yes_no", "ab") for p in dataset)
+
+
+def preset_family(dataset_name: str) -> str:
+    """Which reference row of SPEC §5 a dataset trains with (persona traits like psychopathy, A/B and
+    open-ended behaviour sets like power-seeking, concepts like AxBench)."""
+    family = dataset_name.split("/", 1)[0]
+    if family == "persona":
+        return "psychopathy"
+    if family in ("axbench", "sentiment"):
+        return "axbench"
+    return "power-seeking"
+
+
+# ---------------------------------------------------------------------------------------------- layer
+
+
+def resolve_layer(model: nn.Module, layer: int | str | None) -> int:
+    """An explicit layer, else the model's measured default (`unisteer layers`), else the middle layer."""
+    from .architecture import check_layer_index, model_structure
+    from .models import ALIASES, model_id
+
+    num_layers = model_structure(model).num_layers
+    if layer is None or layer == "default":
+        source = ALIASES.get(model_id(model))
+        if source is not None and source.default_layer is not None:
+            return source.default_layer
+        log.warning("no measured default layer for %s; using the middle layer %d (run `unisteer layers` to "
+                    "measure one)", model_id(model), num_layers // 2)
+        return num_layers // 2
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ConfigError(f"layer: expected an integer, 'default' or null, got {layer!r}")
+    check_layer_index(layer, num_layers)
+    return layer
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def resolve_rendering(model: nn.Module, tokenizer: Any, rendering: Rendering | str | Mapping[str, Any] | None,
+                      train: PairDataset) -> tuple[Rendering, dict[str, Any]]:
+    """`auto` (or None): measured on the training pairs by `choose_rendering`; a name or mapping: as given.
+
+    Returns the rendering and the record to keep with results (how it was chosen, and the measurement).
+    """
+    if rendering is None or rendering == "auto":
+        choice = choose_rendering(model, tokenizer, train)
+        log.info("rendering measured on %s: %s", train.name, choice.rendering.to_dict())
+        return choice.rendering, {"chosen_by": "measurement", **choice.to_dict()}
+    chosen = Rendering.parse(rendering)
+    return chosen, {"chosen_by": "configuration", "rendering": chosen.to_dict()}
+
+
+def rendering_of(update: Update) -> Rendering | None:
+    """The rendering an update was trained with, from its metadata (None when it does not say)."""
+    training = update.spec.training if isinstance(update.spec.training, dict) else {}
+    encoder = training.get("encoder")
+    recorded = encoder.get("rendering") if isinstance(encoder, dict) else None
+    if not isinstance(recorded, dict):
+        return None
+    return Rendering.parse({k: v for k, v in recorded.items() if k in
+                            ("template", "completion_space", "end_of_turn", "plain_format", "name")})
+
+
+def common_rendering(updates: Mapping[str, Update]) -> Rendering | None:
+    """The one rendering all updates were trained with; None if none records one; an error if they differ."""
+    found = {name: r for name, r in ((n, rendering_of(u)) for n, u in updates.items()) if r is not None}
+    if not found:
+        return None
+    first = next(iter(found.values()))
+    different = [name for name, r in found.items() if not r.same_choice(first)]
+    if different:
+        raise ConfigError(f"updates {sorted(found)} were trained with different renderings ({different} differ "
+                          f"from {first.to_dict()}); pass --rendering to score them all one way")
+    return first
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainedCell:
+    update: Update
+    path: Path
+    seconds: float
+
+
+def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective: str, form: str, layer: int,
+               rendering: Rendering, out_dir: str | Path, overrides: Mapping[str, Any] | None = None,
+               seed: int = 42, name: str = "", resume: bool | None = None, overwrite: bool = False,
+               progress: bool = True, extra_record: Mapping[str, Any] | None = None) -> TrainedCell:
+    """Train (or compute) one update on `data`'s train split and save it to `out_dir/update`.
+
+    `resume=None` continues from a checkpoint when `out_dir` holds one and restarts a run that stopped before
+    its first checkpoint; True requires a checkpoint; False starts fresh. Already finished (`update` exists):
+    the saved update is loaded, unless `overwrite`. The update records the training pairs (content ids), the
+    split and the rendering, so evaluation can refuse pairs it was trained on.
+    """
+    from .presets import preset
+    from .storage import load_update, save_update
+    from .training import CHECKPOINT_FILE, METRICS_FILE, diffmean_update, train_update
+
+    out = Path(out_dir)
+    update_path = out / "update"
+    timing_path = out / "timing.json"
+    if update_path.exists() and not overwrite:
+        seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else float("nan")
+        return TrainedCell(load_update(update_path, model), update_path, seconds)
+    train = data.splits.train
+    encoder = PairEncoder(tokenizer, rendering)
+    started = time.perf_counter()
+    record = {"split": data.splits.record(), "dataset": data.name, **dict(extra_record or {})}
+    if objective == "diffmean":
+        if form != "vector":
+            raise ConfigError("objective diffmean exists only for form vector")
+        update = diffmean_update(model, tokenizer, train, layer, encoder=encoder, progress=progress,
+                                 name=name or f"diffmean-vector-L{layer}")
+        update.spec.training.update(record)
+        out.mkdir(parents=True, exist_ok=True)
+        save_update(update, update_path, overwrite=overwrite)
+    else:
+        config = preset(objective, form, data=preset_family(data.name),
+                        **{**dict(overrides or {}), "layer": layer, "seed": seed, "rendering": rendering})
+        has_checkpoint = (out / CHECKPOINT_FILE).exists()
+        if resume is None:
+            # A run killed before its first checkpoint left only metrics: start it again from scratch.
+            resume, restart = has_checkpoint, not has_checkpoint and (out / METRICS_FILE).exists()
+        else:
+            restart = False
+        dev = data.splits.dev if len(data.splits.dev) else None
+        result = train_update(model, tokenizer, train, config, out_dir=out, dev=dev, resume=resume,
+                              overwrite=overwrite or restart, progress=progress, split_record=record["split"],
+                              encoder=encoder)
+        update = result.update
+        update.spec.name = name or update.spec.name
+        update.spec.training.update(record)
+        save_update(update, update_path, overwrite=True)
+    seconds = time.perf_counter() - started
+    write_json(timing_path, {"seconds": seconds})
+    # The saved copy is what a resumed run sees; use it now too so both runs name the same update.
+    return TrainedCell(load_update(update_path, model), update_path, seconds)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class ChoiceEvaluation:
+    """Choice accuracy of one update (or the plain model) over a grid: chosen on dev, reported on test.
+
+    `toward` / `away` are the test scores at the multipliers chosen on dev (`evaluation.select_steering`),
+    with the paired change from m = 0; `calibrated` the accuracy after a dev-calibrated threshold per m.
+    """
+
+    grid: list[float]
+    test: AccuracyByM
+    dev: AccuracyByM | None = None
+    selection: SteeringSelection | None = None
+    calibrated: list[dict[str, Any]] | None = None
+    overlap: dict[str, int] = field(default_factory=dict)
+    rendering: dict[str, Any] = field(default_factory=dict)
+
+    def side(self, which: str) -> dict[str, Any] | None:
+        if self.selection is None:
+            return None
+        chosen = getattr(self.selection, which)
+        m = chosen.multiplier
+        row = dict(self.test.rows()[self.test.index(m)])
+        row["dev_value"] = chosen.value
+        row["change"] = change_from_zero(self.test, m) if m != 0 else None
+        if self.calibrated:
+            row["calibrated"] = next((c for c in self.calibrated if c["multiplier"] == m), None)
+        return row
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grid": self.grid, "rendering": self.rendering, "overlap": self.overlap,
+                "selection": None if self.selection is None else self.selection.to_dict(),
+                "toward": self.side("toward"), "away": self.side("away"),
+                "dev_rows": None if self.dev is None else self.dev.rows(), "test_rows": self.test.rows(),
+                "calibrated": self.calibrated, "test": self.test.to_dict()}
+
+
+def evaluate_choices(model: nn.Module, tokenizer: Any, data: BuiltinData, update: Update | None,
+                     grid: Sequence[float], *, rendering: Rendering, max_pairs: int | None = None,
+                     allow_overlap: bool = False, progress: bool = True) -> ChoiceEvaluation:
+    """Score `data`'s choice items at every m of `grid` on dev and test; choose ±m on dev.
+
+    Both parts are checked to be held out from the update's training pairs (`check_held_out`).
+    """
+    if data.choice_test is None:
+        raise DataError(f"{data.name}: has no yes/no or A/B test items to score")
+    encoder = PairEncoder(tokenizer, rendering)
+    test = first_pairs(data.choice_test, max_pairs)
+    dev = first_pairs(data.choice_dev, max_pairs) if data.choice_dev is not None and len(data.choice_dev) else None
+    overlap = {}
+    if update is not None:
+        overlap["test"] = check_held_out(update, test, name="the test items", allow_overlap=allow_overlap)
+        if dev is not None:
+            overlap["dev"] = check_held_out(update, dev, name="the dev items", allow_overlap=allow_overlap)
+    grid = sorted({0.0, *map(float, grid)}) if update is not None else [0.0]
+    test_scores = choice_accuracy(model, tokenizer, test.pairs, update, grid, encoder=encoder, progress=progress)
+    if update is None or dev is None:
+        return ChoiceEvaluation(grid, test_scores, overlap=overlap, rendering=rendering.to_dict())
+    dev_scores = choice_accuracy(model, tokenizer, dev.pairs, update, grid, encoder=encoder, progress=progress)
+    criterion = "balanced_accuracy" if "balanced_accuracy" in dev_scores.rows(n_boot=1)[0] else "accuracy"
+    selection = select_steering(dev_scores, criterion)
+    calibrated = calibrated_accuracy(dev_scores, test_scores) if test_scores.leans() is not None and \
+        dev_scores.options == test_scores.options else None
+    return ChoiceEvaluation(grid, test_scores, dev_scores, selection, calibrated, overlap, rendering.to_dict())
+
+
+def first_pairs(dataset: PairDataset, limit: int | None) -> PairDataset:
+    """The first `limit` pairs (all when None): a deterministic subset of a split part."""
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    return dataset.select(list(range(limit)), name=f"{dataset.name}[:{limit}]")
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+SCAN_GRIDS = {"diffmean": [-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0],
+              "split": [-16.0, -12.0, -8.0, -4.0, 0.0, 4.0, 8.0, 12.0, 16.0]}
+
+
+@dataclass
+class LayerScore:
+    layer: int
+    toward: float  # best dev balanced accuracy at m >= 0
+    toward_m: float
+    away: float  # lowest dev balanced accuracy at m <= 0
+    away_m: float
+    seconds: float
+
+    @property
+    def spread(self) -> float:
+        """How far the cheap update moves the dev score both ways: toward − away (0 = not at all)."""
+        return self.toward - self.away
+
+
+def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Sequence[int], *, out_dir: str | Path,
+                objective: str = "split", pairs: int = 80, rendering: Rendering, grid: Sequence[float] | None = None,
+                dev_pairs: int = 60, callback: Callable[[LayerScore], None] | None = None) -> list[LayerScore]:
+    """Rank decoder layers by how far a cheap update moves the dev score (balanced accuracy) both ways.
+
+    Per layer: a vector trained on the first `pairs` training pairs (one epoch of SPLIT with the dataset's
+    reference preset, or DiffMean), then dev balanced accuracy over `grid`. Results are written per layer to
+    `out_dir/layers.json` as they come, and a rerun skips layers already scored with the same settings.
+    """
+    if objective not in SCAN_GRIDS:
+        raise ConfigError(f"scan objective: {objective!r} is not one of {sorted(SCAN_GRIDS)}")
+    if data.choice_dev is None or not len(data.choice_dev):
+        raise DataError(f"{data.name}: no held-out choice items (dev) to score layers on")
+    out = Path(out_dir)
+    settings = {"objective": objective, "pairs": pairs, "dev_pairs": dev_pairs, "rendering": rendering.to_dict(),
+                "grid": list(grid or SCAN_GRIDS[objective]), "data": data.splits.record()}
+    path = out / "layers.json"
+    done: dict[str, Any] = {}
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("settings") == settings:
+            done = previous["layers"]
+    subset = dataclasses.replace(data, splits=dataclasses.replace(
+        data.splits, train=first_pairs(data.splits.train, pairs)), choice_dev=first_pairs(data.choice_dev, dev_pairs))
+    scores = []
+    for layer in layers:
+        if str(layer) not in done:
+            started = time.perf_counter()
+            trained = train_cell(model, tokenizer, subset, objective=objective, form="vector", layer=layer,
+                                 rendering=rendering, out_dir=out / f"layer-{layer}", overrides={"epochs": 1},
+                                 progress=False, name=f"scan-{objective}-L{layer}")
+            dev = choice_accuracy(model, tokenizer, subset.choice_dev.pairs, trained.update, settings["grid"],
+                                  encoder=PairEncoder(tokenizer, rendering), progress=False)
+            choice = select_steering(dev)
+            done[str(layer)] = {"toward": choice.toward.value, "toward_m": choice.toward.multiplier,
+                                "away": choice.away.value, "away_m": choice.away.multiplier,
+                                "seconds": time.perf_counter() - started}
+            write_json(path, {"settings": settings, "layers": done})
+        scores.append(LayerScore(layer, **done[str(layer)]))
+        if callback is not None:
+            callback(scores[-1])
+    return sorted(scores, key=lambda s: (-s.spread, s.layer))
