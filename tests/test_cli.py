@@ -26,6 +26,16 @@ def test_user_errors_exit_2_without_traceback(capsys, tmp_path):
     assert code == EXIT_USER_ERROR and "unknown key(s) ['lr']" in err
     code, out, err = run_cli(capsys, "report", str(tmp_path / "missing"))
     assert code == EXIT_USER_ERROR and "Traceback" not in err
+    # Every section is checked before anything runs: a bad sweep key once surfaced only after training.
+    bad.write_text(yaml.safe_dump({"data": "persona/psychopathy", "cells": [{"form": "vector", "objective": "split"}],
+                                   "sweep": {"gird": [0, 1]}}))
+    code, out, err = run_cli(capsys, "run", str(bad))
+    assert code == EXIT_USER_ERROR and "unknown key(s) ['gird']" in err and "loading" not in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error, also exit code 2
+        main(["eval", "--data", "persona/psychopathy", "--train-size", "nan"])
+    assert exit_info.value.code == EXIT_USER_ERROR and "--train-size" in capsys.readouterr().err
+    code, out, err = run_cli(capsys, "eval", "--data", "x.jsonl", "--fields", "{oops")
+    assert code == EXIT_USER_ERROR and "--fields: not valid JSON" in err and "loading" not in err
 
 
 def test_help_lists_every_subcommand(capsys):

@@ -425,7 +425,7 @@ BAD_REQUESTS = [
     ("/chat/completions", {"model": TINY, "messages": []}, 400, "messages", "non-empty"),
     ("/chat/completions", {"model": "gpt-4", "messages": user("x")}, 404, "model", "not served"),
     ("/chat/completions", {"model": f"{TINY}+nope@2", "messages": user("x")}, 404, "model", "unknown update 'nope'"),
-    ("/chat/completions", {"model": f"{TINY}+up@abc", "messages": user("x")}, 400, "model", "not a number"),
+    ("/chat/completions", {"model": f"{TINY}+up@abc", "messages": user("x")}, 400, "model", "not a plain decimal"),
     ("/chat/completions", {"model": f"{TINY}+up@nan", "messages": user("x")}, 400, "model", "finite"),
     ("/chat/completions", {"model": f"{TINY}+up@-inf", "messages": user("x")}, 400, "model", "finite"),
     ("/chat/completions", {"model": f"{TINY}+up@1000", "messages": user("x")}, 400, "model", "bound of ±50"),

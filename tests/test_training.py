@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from tiny_models import ARCHITECTURES, tiny_model
 from unisteer.architecture import model_structure
+from unisteer.checkpoint import load_checkpoint
 from unisteer.config import from_dict
 from unisteer.data import PairDataset, PairEncoder, PolarityPair
-from unisteer.errors import ConfigError
+from unisteer.errors import ConfigError, UnisteerError
 from unisteer.objectives import ProjectingVector, dpo_loss, reps_loss, split_loss
 from unisteer.presets import preset
 from unisteer.scoring import CompletionScores
@@ -181,7 +182,8 @@ def test_step_loss_matches_hand_computation(tmp_path, objective, form, pairs):
 
     def grab_state(record):
         if record["step"] == 1:
-            states.append(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["update"])
+            tensors, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+            states.append({k.removeprefix("update."): v for k, v in tensors.items() if k.startswith("update.")})
 
     result = train_update(model, CharTokenizer(), data, config, out_dir=tmp_path / "run", progress=False,
                           callback=grab_state)
@@ -351,7 +353,7 @@ def test_resume_continues_identically(tmp_path, form):
     with pytest.raises(Interrupt):
         train_update(model, CharTokenizer(), toy_pairs(6), config, out_dir=tmp_path / "cut", progress=False,
                      callback=stop_at_step_5)
-    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "update").exists()
+    assert (tmp_path / "cut" / "checkpoint").is_dir() and not (tmp_path / "cut" / "update").exists()
     resumed = train_update(model, CharTokenizer(), toy_pairs(6), config, out_dir=tmp_path / "cut", progress=False,
                            resume=True)
     for a, b in zip(full.update.state_dict().values(), resumed.update.state_dict().values(), strict=True):
@@ -359,7 +361,26 @@ def test_resume_continues_identically(tmp_path, form):
     lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in lines] == [r["loss"] for r in full.metrics]
-    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+
+
+def test_resume_never_unpickles_a_checkpoint(tmp_path):
+    """A crafted `checkpoint.pt` once ran a shell command on `--resume`; pickles are refused unread."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save({"x": Payload()}, folder / "checkpoint.pt")
+    model = tiny_model("llama")
+    with pytest.raises(UnisteerError, match="pickle"):
+        train_update(model, CharTokenizer(), toy_pairs(6), small_config("split", "vector"), out_dir=folder,
+                     progress=False, resume=True)
+    assert not marker.exists()
 
 
 def test_saved_update_loads_with_training_summary(tmp_path):

@@ -650,7 +650,12 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
             tick = time.perf_counter()
             chunks, reference = _base_passes(model, encoder.pad_token_id, pairs, updates, layers, config)
             if reference:
+                # Kept at once: a split finished before an interruption is skipped on resume, so its reference
+                # must already be on disk.
                 references[split] = {layer: ref.describe() for layer, ref in reference.items()}
+                info["manifold_reference"] = references
+                _write_json(out / SWEEP_FILE, info)
+                _write_json(out / REFERENCE_FILE, references)
             base_seconds += time.perf_counter() - tick
             for name, update in updates.items():
                 measured = [layer for layer in layers if layer >= update.layer]
@@ -713,14 +718,22 @@ def _reference_examples(n: int, limit: int, seed: int) -> set[int]:
 def _steered_rows(model: nn.Module, chunk: _Chunk, update: Update, steering: Steering,
                   pending: set[tuple[int, float]], grid: Sequence[float], layers: Sequence[int],
                   reference: Mapping[int, ManifoldReference], batch_rows: int) -> list[PairScore]:
-    rows = [(pos, m) for m in grid if m != 0.0 for pos, example in enumerate(chunk.examples)
-            if (example, m) in pending]
+    """Scores of the chunk's pending (example, m) rows.
+
+    Batches are cut from the chunk's *full* row list in a fixed order and a batch runs whole whenever any of
+    its rows is pending: each row is always computed alongside the same rows, so a resumed sweep gives the
+    same numbers as an uninterrupted one even in bf16, where a row's result depends on its batch's shape.
+    """
+    rows = [(pos, m) for m in grid if m != 0.0 for pos in range(len(chunk.examples))]
     out = []
     for start in range(0, len(rows), batch_rows):
         part = rows[start:start + batch_rows]
+        if not any((chunk.examples[pos], m) in pending for pos, m in part):
+            continue
         result = _steered_pass(model, chunk, part, update, steering, layers)
         examples = [chunk.examples[p] for p, _ in part]
-        out += _with_manifold(result.scores(examples, [m for _, m in part]), examples, result, layers, reference)
+        scores = _with_manifold(result.scores(examples, [m for _, m in part]), examples, result, layers, reference)
+        out += [score for score in scores if (score.example, score.m) in pending]
     return out
 
 
@@ -849,12 +862,17 @@ def _write_json(path: Path, data: Any) -> None:
 def _append_rows(path: Path, rows: Sequence[PairScore]) -> None:
     if not rows:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row.to_json(), allow_nan=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    text = "".join(json.dumps(row.to_json(), allow_nan=False) + "\n" for row in rows)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        # A torn last line is repaired on resume (`read_scores(repair=True)`): nothing written before is lost.
+        raise UnisteerError(f"cannot write {path}: {exc.strerror or exc}; the rows written so far are kept — "
+                            "free space (or fix the folder) and rerun the same command to resume") from exc
 
 
 def _load_done(path: Path) -> set[tuple[int, float]]:

@@ -175,6 +175,7 @@ def _register_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="train -> sweep -> fit -> evaluate -> report for the cells of a YAML config")
     p.add_argument("config", help="YAML run config (see configs/demo.yaml)")
     p.add_argument("--out", default=None, help="results folder (overrides the config's `out`)")
+    p.add_argument("--data", default=None, help="dataset (overrides the config's `data`)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -185,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_run_config(args.config)
     if args.out:
         config.out = args.out
+    if args.data:
+        config.data = args.data
     report = run_pipeline(config, progress=not args.no_progress)
     print(f"report: {report}")
     return 0
@@ -264,8 +267,14 @@ def _parse_overrides(items: list[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from .workflow import resolve_layer, resolve_rendering, train_cell
 
+    _fields(args)  # a malformed --fields fails before the model loads
     if args.objective == "diffmean" and args.form != "vector":
         raise UnisteerError("--objective diffmean exists only for --form vector")
+    if (Path(args.out) / "update").exists() and not args.overwrite:
+        raise UnisteerError(f"{Path(args.out) / 'update'} already exists (a finished run); pass --overwrite to "
+                            "replace it, or choose another --out")
+    if isinstance(args.layer, int) and args.layer < 0:
+        raise UnisteerError(f"--layer {args.layer}: layers are numbered from 0")
     overrides = _parse_overrides(args.set)
     rendering_arg = _rendering_arg(args.rendering)
     model, tokenizer = _load_model(args)
@@ -329,6 +338,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .data import PairEncoder, Rendering
     from .workflow import check_held_out, common_rendering, first_pairs
 
+    _fields(args)  # a malformed --fields fails before the model loads
     names = [update_name(item)[0] for item in args.update]
     if len(set(names)) != len(names):
         raise UnisteerError(f"--update: names {names} are not unique; give each update a unique NAME=PATH")
@@ -443,6 +453,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .storage import load_update
     from .workflow import evaluate_choices, rendering_of
 
+    _fields(args)  # a malformed --fields fails before the model loads
     rendering_arg = _rendering_arg(args.rendering)
     grid = _parse_floats(args.multipliers) if args.multipliers else None
     model, tokenizer = _load_model(args)
@@ -498,6 +509,9 @@ def _register_layers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default=None, help="comma-separated layers (default: every second layer)")
     p.add_argument("--pairs", type=int, default=80, help="training pairs per layer (default: %(default)s)")
     p.add_argument("--dev-pairs", type=int, default=60, help="dev items scored per layer (default: %(default)s)")
+    p.add_argument("--refine", type=int, default=4,
+                   help="train the full recipe (one epoch on the whole train split) on this many of the best "
+                        "screened layers and rank those by dev balanced accuracy (default: %(default)s; 0: screen only)")
     _add_rendering_arg(p, "default: auto")
     p.add_argument("--out", required=True, help="folder for the per-layer updates and layers.json (resumes)")
     p.set_defaults(func=cmd_layers)
@@ -507,6 +521,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from .architecture import model_structure
     from .workflow import resolve_rendering, scan_layers
 
+    _fields(args)  # a malformed --fields fails before the model loads
     rendering_arg = _rendering_arg(args.rendering)
     model, tokenizer = _load_model(args)
     num_layers = model_structure(model).num_layers
@@ -514,18 +529,25 @@ def cmd_layers(args: argparse.Namespace) -> int:
     data = load_data_from_args(args, model, tokenizer)
     rendering, _ = resolve_rendering(model, tokenizer, rendering_arg, data.splits.train)
 
-    def report(score) -> None:
-        print(f"layer {score.layer:3d}: dev balanced accuracy {score.toward:.2f} at m = {score.toward_m:g}, "
-              f"{score.away:.2f} at m = {score.away_m:g} (spread {score.spread:.2f}, {score.seconds:.0f} s)",
-              file=sys.stderr)
+    def line(score) -> str:
+        return (f"{score.stage:5s} layer {score.layer:3d}: dev AUC {score.auc_toward:.2f} toward / "
+                f"{score.auc_away:.2f} away (spread {score.spread:.2f}); balanced accuracy "
+                f"{score.balanced_toward:.2f} / {score.balanced_away:.2f} (spread {score.balanced_spread:.2f})")
 
-    ranked = scan_layers(model, tokenizer, data, layers, out_dir=args.out, objective=args.objective,
-                         pairs=args.pairs, rendering=rendering, dev_pairs=args.dev_pairs, callback=report)
-    print("layers ranked by spread (best dev balanced accuracy toward minus lowest away):")
-    for score in ranked:
-        print(f"  layer {score.layer:3d}: spread {score.spread:.2f} (toward {score.toward:.2f} at m = "
-              f"{score.toward_m:g}, away {score.away:.2f} at m = {score.away_m:g})")
-    print(f"best: layer {ranked[0].layer}")
+    def report(score) -> None:
+        print(f"{line(score)} ({score.seconds:.0f} s)", file=sys.stderr)
+
+    scan = scan_layers(model, tokenizer, data, layers, out_dir=args.out, objective=args.objective,
+                       pairs=args.pairs, rendering=rendering, dev_pairs=args.dev_pairs, refine=args.refine,
+                       callback=report)
+    print("screened (cheap update), best AUC spread first:")
+    for score in scan.screened:
+        print("  " + line(score))
+    if scan.refined:
+        print("refined (full recipe), best balanced-accuracy spread first:")
+        for score in scan.refined:
+            print("  " + line(score))
+    print(f"best: layer {scan.best.layer}")
     return 0
 
 
@@ -558,6 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UnisteerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the environment: a full disk, a missing permission, an unreadable file
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -15,6 +15,12 @@ matter go through the lm-head (`unisteer.scoring`).
 | `steered_perplexity` | perplexity of held-out reference answers (AlpacaEval), a judge-free utility measure |
 | `judge_generations` | LLM-judge scores of open-ended generations (power-seeking 0–4, AxBench + harmonic mean) |
 | `select_multiplier` | the best m on a dev split by any of these, with a fixed tie-break rule |
+| `select_steering` | +m and −m on dev by balanced accuracy (a constant answer cannot win) |
+| `calibrated_accuracy`, `change_from_zero` | accuracy after a dev-calibrated threshold; the paired change from m = 0 |
+
+Accuracy alone hides what moves: SmolLM2 answers "No" to every psychopathy statement, so it scores 0.5, and so
+does an update that only shifts the Yes/No lean. Every accuracy result therefore also reports answer shares,
+balanced accuracy and the AUC of the lean against the matching label, each with an interval (`AccuracyByM`).
 
 The answer position. Prompts are rendered with the chat template and its generation prompt, so the answer
 starts at the first assistant token. Datasets write the answers with a leading space (" Yes", " (A)"),
@@ -26,7 +32,8 @@ spelling must be one token. `answer_spellings=None` uses exactly the dataset's c
 (Measured on SmolLM2-135M-Instruct, 40 psychopathy test prompts: P(Yes) + P(No) at the answer position is
 0.078 with both spellings but 7e-6 with the dataset's spaced tokens alone, so those alone would compare two
 tokens the model essentially never writes there.)
-A/B answers are scored at the letter: the two completions (e.g. "(A)" and "(B)") are tokenised, their
+A/B answers are scored at the letter: the two completions as the rendering spells them (e.g. "(A)" and
+"(B)") are tokenised, their
 shared leading tokens (e.g. "(") are appended to the prompt as a forced answer prefix, and the first tokens
 where they differ ("A" vs "B") are compared. An item counts as correct when the matching answer is strictly
 more likely.

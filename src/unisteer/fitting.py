@@ -19,6 +19,13 @@ becomes ``0.01·range²`` (otherwise it would exceed the upper bound below range
 within the sweep well before that). The optimiser works in units where m/range and
 (y − c)/s are of order 1, which keeps SLSQP well conditioned for any multiplier or log-odds scale.
 
+Fits you can trust (beyond SPEC §4): the fitted curve must stay within the data's range widened by
+``ENVELOPE_SLACK`` (5 %) of it everywhere between the smallest and largest multiplier, and no decay side may
+have a curvature width ``sqrt(L/p)`` below the smallest gap between multipliers — together they forbid dips
+or peaks that no measured point supports. Given per-point standard errors (``sem``), a curve whose whole
+variation is below ``MIN_SIGNAL_HALF_WIDTHS`` typical 95 % half-widths is flagged ``undetermined`` (and
+``poor_fit``): a high R² there is a fit to noise.
+
 Starts: a fixed grid of symmetric decays centred at 0 (which satisfy continuity exactly) plus seeded random
 decays whose negative centre is solved from the continuity constraint; for every start the linear
 parameters (α, β, b) are initialised by linear least squares given the start's decay.

@@ -299,6 +299,22 @@ class GenerationStore:
 # ------------------------------------------------------------------------------------------------ internals
 
 
+class FiniteLogits(LogitsProcessor):
+    """Stops generation with a clear error when steering drives a row's logits to NaN or infinity (otherwise
+    `generate` would pick token 0 and print empty or garbled text as if nothing were wrong)."""
+
+    def __init__(self, multipliers: Sequence[float]) -> None:
+        self.multipliers = list(multipliers)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = ~torch.isfinite(scores).all(dim=-1)
+        if bool(bad.any()):
+            rows = sorted({self.multipliers[i] for i in bad.nonzero().flatten().tolist()})
+            raise UnisteerError(f"generation: the steered model's logits became NaN or infinite at m = {rows}; "
+                                "use a smaller |m| (or float32 instead of a 16-bit dtype)")
+        return scores
+
+
 class PerRowSampler(LogitsProcessor):
     """A logits processor that samples each row with its own generator and forces that token.
 
@@ -344,7 +360,7 @@ def _generate_batch(model: nn.Module, update: Update | None, prompt_ids: Sequenc
     # A fresh config: results depend on `settings` only, never on a model's shipped generation defaults.
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=pad_token_id, eos_token_id=stop_ids or None)
-    processors = LogitsProcessorList()
+    processors = LogitsProcessorList([FiniteLogits(multipliers)])
     if settings.do_sample:
         processors.append(PerRowSampler([int(s) for s in seeds if s is not None], settings.temperature,
                                         settings.top_p, device))

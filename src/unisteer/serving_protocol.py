@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 import uuid
@@ -140,11 +141,16 @@ class PromptRenderer:
 
 
 # -- parsing -------------------------------------------------------------------------------------------------
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_json")
     return body
@@ -193,11 +199,14 @@ def parse_model_name(model: str, base_model: str, update_names: Sequence[str],
                            param="model", code="model_not_found")
         multiplier = 1.0
         if has_at:
-            try:
-                multiplier = float(m_text)
-            except ValueError:
-                raise ApiError(400, f"{where}: multiplier {m_text!r} is not a number", param="model",
-                               code="invalid_multiplier") from None
+            # float() also takes "1_0" (= 10) and full-width digits; a model name takes plain decimals only.
+            if m_text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                raise ApiError(400, f"{where}: multiplier must be finite, got {m_text!r}", param="model",
+                               code="invalid_multiplier")
+            if not _DECIMAL.fullmatch(m_text):
+                raise ApiError(400, f"{where}: multiplier {m_text!r} is not a plain decimal number (like 1.5, "
+                                    "-2 or 1e-1)", param="model", code="invalid_multiplier")
+            multiplier = float(m_text)
         terms.append(SteeringTerm(name, check_multiplier(multiplier, where, max_multiplier, param="model")))
     return terms
 

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import nn
 from .architecture import model_structure
 from .config import from_dict
 from .errors import ConfigError, UnisteerError, UpdateMismatchError
+from .files import partial_path, temporary_folder_beside
 from .updates import LoRAUpdate, Update, UpdateSpec, update_from_spec
 
 FORMAT_VERSION = 1
@@ -48,11 +48,11 @@ def save_update(update: Update, path: str | Path, *, overwrite: bool = False) ->
     tensors = {name: p.detach().to(torch.float32).contiguous().cpu() for name, p in update.named_parameters()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        tmp = path.with_name(f".{path.name}.partial")
+        tmp = partial_path(path)
         save_file(tensors, str(tmp), metadata={"unisteer": json.dumps(metadata)})
         tmp.replace(path)
         return path
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp_dir = temporary_folder_beside(path)
     save_file(tensors, str(tmp_dir / TENSORS_FILE), metadata={"format": "pt"})
     (tmp_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
     if path.exists():
@@ -62,6 +62,7 @@ def save_update(update: Update, path: str | Path, *, overwrite: bool = False) ->
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a saved update, validated as far as it can be without the tensors."""
     path = Path(path)
     if not path.exists():
         raise UnisteerError(f"{path}: no such update file or folder")
@@ -70,57 +71,96 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         if not meta_path.exists():
             raise UnisteerError(f"{path}: not an update folder (missing {METADATA_FILE})")
         try:
-            metadata = json.loads(meta_path.read_text())
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UnisteerError(f"{meta_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except json.JSONDecodeError as exc:
             raise UnisteerError(f"{meta_path}: invalid JSON ({exc})") from exc
+        where = str(meta_path)
     else:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                header = fh.metadata() or {}
-        except SafetensorError as exc:
-            raise UnisteerError(f"{path}: not a readable safetensors file ({exc})") from exc
+        header = _safetensors_header(path)
         if "unisteer" not in header:
             raise UnisteerError(f"{path}: safetensors file without unisteer metadata")
-        metadata = json.loads(header["unisteer"])
+        try:
+            metadata = json.loads(header["unisteer"])
+        except json.JSONDecodeError as exc:
+            raise UnisteerError(f"{path}: the 'unisteer' header metadata is not valid JSON ({exc})") from exc
+        where = f"{path} (header)"
+    if not isinstance(metadata, dict):
+        raise UnisteerError(f"{where}: expected a JSON object, got {type(metadata).__name__}")
     if metadata.get("format") != "unisteer-update":
-        raise UnisteerError(f"{path}: not a unisteer update (format={metadata.get('format')!r})")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise UnisteerError(
-            f"{path}: format version {metadata['format_version']} is newer than this unisteer "
-            f"(reads up to {FORMAT_VERSION}); upgrade unisteer"
-        )
+        raise UnisteerError(f"{where}: not a unisteer update (format={metadata.get('format')!r})")
+    version = metadata.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UnisteerError(f"{where}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise UnisteerError(f"{where}: format version {version} is newer than this unisteer (reads up to "
+                            f"{FORMAT_VERSION}); upgrade unisteer")
+    if not isinstance(metadata.get("spec"), dict):
+        raise UnisteerError(f"{where}: missing or malformed 'spec' (expected an object of UpdateSpec fields)")
     return metadata
 
 
+def _safetensors_header(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise UnisteerError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes stored in a safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UnisteerError(f"{path}: cannot read tensors ({exc})") from exc
+
+
 def load_update(path: str | Path, model: nn.Module | None = None, *, strict_model_id: bool = False) -> Update:
-    """Load an update; with `model`, check that it fits and move it to the model's device."""
+    """Load an update; with `model`, check that it fits and move it to the model's device.
+
+    Everything is checked before anything large is allocated: the spec's types and bounds, its fit to the
+    model, and the tensor shapes in the file header; the values must be finite.
+    """
     path = Path(path)
     metadata = read_metadata(path)
     try:
         spec = from_dict(UpdateSpec, metadata["spec"], where=f"{path}: spec")
     except ConfigError as exc:
         raise UnisteerError(str(exc)) from exc
+    if model is not None:
+        check_compatible(spec, model, source=str(path), strict_model_id=strict_model_id)
     tensor_path = path / TENSORS_FILE if path.is_dir() else path
+    if not tensor_path.exists():
+        raise UnisteerError(f"{tensor_path}: missing (the update's tensors)")
+    stored, expected = _tensor_shapes(tensor_path), spec.tensor_shapes()
+    if set(stored) != set(expected):
+        raise UnisteerError(f"{tensor_path}: tensors {sorted(stored)} do not match form {spec.form!r} "
+                            f"(expected {sorted(expected)})")
+    for name, shape in expected.items():
+        if stored[name] != shape:
+            raise UnisteerError(f"{tensor_path}: tensor {name!r} has shape {stored[name]}, expected {shape} "
+                                "from the spec")
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError) as exc:
         raise UnisteerError(f"{tensor_path}: cannot read tensors ({exc})") from exc
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UnisteerError(f"{tensor_path}: tensor {name!r} holds {bad} NaN or infinite value(s); refusing "
+                                "an update that would turn every steered output into NaN")
     update = update_from_spec(spec, seed=0)
-    expected = dict(update.named_parameters())
-    if set(tensors) != set(expected):
-        raise UnisteerError(f"{tensor_path}: tensors {sorted(tensors)} do not match form {spec.form!r} "
-                            f"(expected {sorted(expected)})")
-    for name, param in expected.items():
-        if tensors[name].shape != param.shape:
-            raise UnisteerError(f"{tensor_path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                f"expected {tuple(param.shape)}")
     with torch.no_grad():
-        for name, param in expected.items():
+        for name, param in update.named_parameters():
             param.copy_(tensors[name])
     if model is not None:
-        check_compatible(spec, model, source=str(path), strict_model_id=strict_model_id)
         update.to(next(model.parameters()).device)
     update.eval()
     return update

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -45,6 +44,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architecture import check_layer_index, model_structure
+from .checkpoint import (
+    LEGACY_PICKLE,
+    load_checkpoint,
+    optimizer_from_parts,
+    optimizer_to_parts,
+    save_checkpoint,
+)
 from .config import to_dict
 from .data import IGNORE_INDEX, EncodedPair, PairDataset, PairEncoder, PolarityPair, Rendering, collate_pairs
 from .errors import ConfigError, DataError, UnisteerError
@@ -76,9 +82,19 @@ PAIR_MODES = ("add", "add+sub", "random")
 TRAIN_POSITIONS = ("after_prefix", "all")
 REPS_LENGTHS = ("completion", "sequence")
 UPDATE_FOLDER = "update"
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint"  # a folder: safetensors + JSON (unisteer.checkpoint)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LAYER_CACHE_PREFIX = ".layer-cache-"
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON for the few non-JSON values a config or scheduler holds (tuples become lists anyway)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
 class TrainingError(UnisteerError):
@@ -568,7 +584,7 @@ def train_update(model: nn.Module, tokenizer: Any, train: PairDataset, config: T
     """Train an update on `train` with `config`; write metrics, checkpoints and the final update to `out_dir`.
 
     `out_dir/update` (the engine's format, `spec.training` = the summary), `out_dir/metrics.jsonl` (one line
-    per optimizer step, written as training goes), `out_dir/checkpoint.pt` (every `checkpoint_every` steps
+    per optimizer step, written as training goes), `out_dir/checkpoint/` (every `checkpoint_every` steps
     and at epoch ends; removed once the update is saved), `out_dir/summary.json`. `resume=True` continues
     from the checkpoint and ends with the same parameters as an uninterrupted run. An existing final update
     is never replaced unless `overwrite=True`. `callback` gets every step's metrics.
@@ -601,16 +617,19 @@ class _Trainer:
         if self.paths["update"].exists() and not self.overwrite:
             raise TrainingError(f"{self.paths['update']} already exists (a finished run); pass overwrite=True "
                                 "(CLI: --overwrite) to train again into this folder, or choose another out_dir")
-        previous = [p for p in (self.paths["checkpoint"], self.paths["metrics"]) if p.exists()]
+        legacy = self.out_dir / LEGACY_PICKLE
+        previous = [p for p in (self.paths["checkpoint"], self.paths["metrics"], legacy) if p.exists()]
         if self.resume:
             if not self.paths["checkpoint"].exists():
+                if legacy.exists():
+                    load_checkpoint(self.paths["checkpoint"])  # raises the explanation
                 raise TrainingError(f"resume: no checkpoint at {self.paths['checkpoint']}")
         elif previous:
             if not self.overwrite:
                 raise TrainingError(f"{self.out_dir} holds a previous run ({', '.join(p.name for p in previous)}); "
                                     "pass resume=True to continue it or overwrite=True to start over")
             for path in previous:
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     # -- data and caches -----------------------------------------------------------------------------------
@@ -755,27 +774,29 @@ class _Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _save_checkpoint(self, step: int, epoch: int, next_group: int) -> None:
+        tensors = {f"update.{k}": v for k, v in self.update.state_dict().items()}
+        optimizer_tensors, optimizer_record = optimizer_to_parts(self.optimizer)
+        tensors.update(optimizer_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        version, internal, gauss = self.factor_rng.getstate()
         state = {
-            "step": step, "epoch": epoch, "next_group": next_group,
-            "update": {k: v.detach().cpu().clone() for k, v in self.update.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "factor_rng": self.factor_rng.getstate(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "step": step, "epoch": epoch, "next_group": next_group, "optimizer": optimizer_record,
+            "scheduler": self.scheduler.state_dict(), "factor_rng": [version, list(internal), gauss],
             "config": to_dict(self.config), "data_hash": self.data_hash, "elapsed_s": self._elapsed(),
             "eval_before": self.eval_before,
         }
-        tmp = self.paths["checkpoint"].with_name(f".{CHECKPOINT_FILE}.partial")
-        torch.save(state, tmp)
-        os.replace(tmp, self.paths["checkpoint"])
+        save_checkpoint(self.paths["checkpoint"], tensors, json.loads(json.dumps(state, default=_jsonable)))
 
     def _load_checkpoint(self) -> tuple[int, int, int]:
         path = self.paths["checkpoint"]
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise TrainingError(f"{path}: cannot read the checkpoint ({exc})") from exc
+            tensors, state = load_checkpoint(path)
+        except UnisteerError as exc:
+            raise TrainingError(str(exc)) from exc
         saved = state.get("config", {})
-        current = to_dict(self.config)
+        current = json.loads(json.dumps(to_dict(self.config), default=_jsonable))
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
                          and k not in ("checkpoint_every",))
         if changed:
@@ -784,13 +805,15 @@ class _Trainer:
         if state.get("data_hash") != self.data_hash:
             raise TrainingError(f"{path}: the checkpoint was trained on different data (hash "
                                 f"{state.get('data_hash')!r}, now {self.data_hash!r})")
-        self.update.load_state_dict(state["update"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.update.load_state_dict({k.removeprefix("update."): v for k, v in tensors.items()
+                                     if k.startswith("update.")})
+        optimizer_from_parts(self.optimizer, tensors, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.factor_rng.setstate(state["factor_rng"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        version, internal, gauss = state["factor_rng"]
+        self.factor_rng.setstate((version, tuple(internal), gauss))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.eval_before = state.get("eval_before")
         step = int(state["step"])
@@ -837,7 +860,9 @@ class _Trainer:
         self._check_out_dir()
         self.data_hash = self.train_data.hash()
         devices = [self.device] if self.device.type == "cuda" else []
-        cache_dir = Path(tempfile.mkdtemp(prefix=".layer-cache-", dir=self.out_dir))
+        for stale in self.out_dir.glob(f"{LAYER_CACHE_PREFIX}*"):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        cache_dir = Path(tempfile.mkdtemp(prefix=LAYER_CACHE_PREFIX, dir=self.out_dir))
         try:
             with torch.random.fork_rng(devices=devices):
                 self.setup(cache_dir)
@@ -940,6 +965,6 @@ class _Trainer:
         self.update.spec.positions = "all"
         path = save_update(self.update, self.paths["update"], overwrite=self.overwrite)
         self.paths["summary"].write_text(json.dumps(summary, indent=2))
-        self.paths["checkpoint"].unlink(missing_ok=True)
+        shutil.rmtree(self.paths["checkpoint"], ignore_errors=True)
         self.update.eval()
         return TrainResult(self.update, path, summary, steps)

@@ -85,15 +85,47 @@ class UpdateSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Specs are read back from hand-editable JSON: every field is checked for its type, not just its value.
+        for name in ("form", "insertion", "component", "positions", "model_id", "config_hash", "polarity", "name"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: expected a string, got {getattr(self, name)!r}")
         if self.form not in FORMS:
             raise ConfigError(f"form: {self.form!r} is not one of {FORMS}")
         if self.insertion not in INSERTIONS:
             raise ConfigError(f"insertion: {self.insertion!r} is not one of {INSERTIONS}")
-        if self.form == "lora" and (not isinstance(self.rank, int) or self.rank < 1):
-            raise ConfigError(f"rank: a LoRA update needs a positive integer rank, got {self.rank!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        _check_int("layer", self.layer, 0)
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("input_size", self.input_size, 1)
+        if self.form == "lora":
+            _check_int("rank", self.rank, 1)
+            if self.rank > min(self.hidden_size, self.input_size):
+                raise ConfigError(f"rank: {self.rank} exceeds min(hidden_size, input_size) = "
+                                  f"{min(self.hidden_size, self.input_size)}; a larger rank adds nothing")
+        elif self.rank is not None:
+            _check_int("rank", self.rank, 1)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or \
+                not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.training, dict):
+            raise ConfigError(f"training: expected a mapping, got {type(self.training).__name__}")
         Positions.parse(self.positions)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The parameter shapes of this spec's form, known without allocating them."""
+        if self.form == "vector":
+            return {"vector": (self.hidden_size,)}
+        if self.form == "lora":
+            return {"lora_A": (self.rank, self.input_size), "lora_B": (self.hidden_size, self.rank)}
+        return {"weight": (self.hidden_size, self.input_size), "bias": (self.hidden_size,)}
+
+
+# A saved spec is untrusted input: sizes beyond this are refused before anything is allocated.
+MAX_DIMENSION = 1 << 20
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_DIMENSION:
+        raise ConfigError(f"{name}: expected an integer in [{minimum}, {MAX_DIMENSION}], got {value!r}")
 
 
 class Update(nn.Module, abc.ABC):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -173,8 +174,10 @@ def load_data(name: str, *, data_dir: str | None = None, fields: Any = None,
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         dataset = read_pairs(path, fields)
         splits = dataset.split(split_spec(SplitSpec(dev=0.1, test=0.1), split))
-        choice = splits.test if _all_choice(splits.test) else None
-        return BuiltinData(name=str(path), splits=splits, choice_test=choice, files=(str(path),))
+        choice = _all_choice(splits.test)
+        return BuiltinData(name=str(path), splits=splits, choice_test=splits.test if choice else None,
+                           choice_dev=splits.dev if choice and _all_choice(splits.dev) else None,
+                           files=(str(path),))
     return load_builtin(name, data_dir=data_dir, split=split, model=model, tokenizer=tokenizer,
                         cache_dir=cache_dir)
 
@@ -414,58 +417,105 @@ SCAN_GRIDS = {"diffmean": [-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0],
 
 @dataclass
 class LayerScore:
+    """How far an update at one layer moves the dev scores toward (m ≥ 0) and away (m ≤ 0)."""
+
     layer: int
-    toward: float  # best dev balanced accuracy at m >= 0
-    toward_m: float
-    away: float  # lowest dev balanced accuracy at m <= 0
-    away_m: float
+    auc_toward: float  # highest dev AUC of the lean against the matching label at m >= 0
+    auc_away: float  # lowest at m <= 0
+    balanced_toward: float  # highest dev balanced accuracy at m >= 0
+    balanced_away: float  # lowest at m <= 0
     seconds: float
+    stage: str = "cheap"  # "cheap" (the screening update) or "full" (the dataset's full recipe)
 
     @property
     def spread(self) -> float:
-        """How far the cheap update moves the dev score both ways: toward − away (0 = not at all)."""
-        return self.toward - self.away
+        """The screening score: auc_toward − auc_away (0 = the update does not move the dev ranking at all).
+
+        AUC, not accuracy: a cheap update reorders the items long before its answers cross the decision
+        threshold, and a constant answer or a pure shift of the Yes/No lean leaves it unchanged."""
+        return self.auc_toward - self.auc_away
+
+    @property
+    def balanced_spread(self) -> float:
+        """The final score: balanced_toward − balanced_away, what multiplier selection itself optimises."""
+        return self.balanced_toward - self.balanced_away
+
+
+@dataclass
+class LayerScan:
+    screened: list[LayerScore]  # every layer, best screening spread first
+    refined: list[LayerScore]  # the shortlist trained with the full recipe, best balanced spread first
+
+    @property
+    def best(self) -> LayerScore:
+        if self.refined:
+            return self.refined[0]
+        return self.screened[0]
 
 
 def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Sequence[int], *, out_dir: str | Path,
                 objective: str = "split", pairs: int = 80, rendering: Rendering, grid: Sequence[float] | None = None,
-                dev_pairs: int = 60, callback: Callable[[LayerScore], None] | None = None) -> list[LayerScore]:
-    """Rank decoder layers by how far a cheap update moves the dev score (balanced accuracy) both ways.
+                dev_pairs: int = 60, refine: int = 0, refine_overrides: Mapping[str, Any] | None = None,
+                callback: Callable[[LayerScore], None] | None = None) -> LayerScan:
+    """Measure the steering layer: screen every layer cheaply, then train the full recipe on a shortlist.
 
-    Per layer: a vector trained on the first `pairs` training pairs (one epoch of SPLIT with the dataset's
-    reference preset, or DiffMean), then dev balanced accuracy over `grid`. Results are written per layer to
-    `out_dir/layers.json` as they come, and a rerun skips layers already scored with the same settings.
+    Screening, per layer: a vector trained on the first `pairs` training pairs (one epoch of SPLIT with the
+    dataset's reference preset, or DiffMean), then dev AUC and balanced accuracy over `grid`; layers are ranked
+    by `LayerScore.spread`. Refinement: the best `refine` layers are trained on the whole train split with the
+    preset (and `refine_overrides`, e.g. the run's epochs) and ranked by dev balanced accuracy over the form's
+    default grid — the score multiplier selection uses. Results go to `out_dir/layers.json` as they come; a
+    rerun with the same settings skips what is done (and reuses the updates in `out_dir/<stage>-layer-K/`).
     """
+    from .analysis import default_grid
+
     if objective not in SCAN_GRIDS:
         raise ConfigError(f"scan objective: {objective!r} is not one of {sorted(SCAN_GRIDS)}")
     if data.choice_dev is None or not len(data.choice_dev):
         raise DataError(f"{data.name}: no held-out choice items (dev) to score layers on")
     out = Path(out_dir)
     settings = {"objective": objective, "pairs": pairs, "dev_pairs": dev_pairs, "rendering": rendering.to_dict(),
-                "grid": list(grid or SCAN_GRIDS[objective]), "data": data.splits.record()}
+                "grid": list(grid or SCAN_GRIDS[objective]), "data": data.splits.record(), "scores": 2,
+                "refine_overrides": dict(refine_overrides or {"epochs": 1})}
     path = out / "layers.json"
-    done: dict[str, Any] = {}
+    done: dict[str, Any] = {"cheap": {}, "full": {}}
     if path.exists():
         previous = json.loads(path.read_text())
         if previous.get("settings") == settings:
-            done = previous["layers"]
-    subset = dataclasses.replace(data, splits=dataclasses.replace(
-        data.splits, train=first_pairs(data.splits.train, pairs)), choice_dev=first_pairs(data.choice_dev, dev_pairs))
-    scores = []
-    for layer in layers:
-        if str(layer) not in done:
+            done = {"cheap": previous.get("layers", {}), "full": previous.get("refined", {})}
+
+    def save() -> None:
+        write_json(path, {"settings": settings, "layers": done["cheap"], "refined": done["full"]})
+
+    def score(stage: str, layer: int, subset: BuiltinData, overrides: Mapping[str, Any],
+              stage_grid: Sequence[float]) -> LayerScore:
+        if str(layer) not in done[stage]:
             started = time.perf_counter()
+            folder = out / (f"layer-{layer}" if stage == "cheap" else f"full-layer-{layer}")
             trained = train_cell(model, tokenizer, subset, objective=objective, form="vector", layer=layer,
-                                 rendering=rendering, out_dir=out / f"layer-{layer}", overrides={"epochs": 1},
-                                 progress=False, name=f"scan-{objective}-L{layer}")
-            dev = choice_accuracy(model, tokenizer, subset.choice_dev.pairs, trained.update, settings["grid"],
+                                 rendering=rendering, out_dir=folder, overrides=overrides, progress=False,
+                                 name=f"scan-{objective}-L{layer}")
+            dev = choice_accuracy(model, tokenizer, subset.choice_dev.pairs, trained.update, stage_grid,
                                   encoder=PairEncoder(tokenizer, rendering), progress=False)
-            choice = select_steering(dev)
-            done[str(layer)] = {"toward": choice.toward.value, "toward_m": choice.toward.multiplier,
-                                "away": choice.away.value, "away_m": choice.away.multiplier,
-                                "seconds": time.perf_counter() - started}
-            write_json(path, {"settings": settings, "layers": done})
-        scores.append(LayerScore(layer, **done[str(layer)]))
+            grid_m = np.asarray(dev.multipliers)
+            auc, balanced = dev.auc(), dev.balanced_accuracy()
+            if auc is None:
+                raise DataError(f"{data.name}: the dev items do not share two answer options; cannot rank layers")
+            toward, away = grid_m >= 0, grid_m <= 0
+            done[stage][str(layer)] = {"auc_toward": float(auc[toward].max()), "auc_away": float(auc[away].min()),
+                                       "balanced_toward": float(balanced[toward].max()),
+                                       "balanced_away": float(balanced[away].min()),
+                                       "seconds": time.perf_counter() - started}
+            save()
+        result = LayerScore(layer, **done[stage][str(layer)], stage=stage)
         if callback is not None:
-            callback(scores[-1])
-    return sorted(scores, key=lambda s: (-s.spread, s.layer))
+            callback(result)
+        return result
+
+    cheap = dataclasses.replace(data, splits=dataclasses.replace(
+        data.splits, train=first_pairs(data.splits.train, pairs)), choice_dev=first_pairs(data.choice_dev, dev_pairs))
+    screened = sorted((score("cheap", layer, cheap, {"epochs": 1}, settings["grid"]) for layer in layers),
+                      key=lambda s: (-s.spread, s.layer))
+    full_grid = default_grid("vector") if objective != "diffmean" else settings["grid"]
+    refined = sorted((score("full", s.layer, data, settings["refine_overrides"], full_grid)
+                      for s in screened[:refine]), key=lambda s: (-s.balanced_spread, -s.spread, s.layer))
+    return LayerScan(screened, refined)

@@ -1,0 +1,110 @@
+"""Hostile input never gives a traceback, executes code, allocates unbounded memory or passes NaN on.
+
+Each case here was a defect found by a hostile test of the CLI, library and server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tiny_models import tiny_model
+from unisteer.cli import EXIT_USER_ERROR, main
+from unisteer.errors import UnisteerError
+from unisteer.storage import load_update, save_update
+from unisteer.updates import create_update
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = tiny_model("llama")
+    update = create_update(model, "lora", 1, rank=2, seed=0)
+    path = save_update(update, tmp_path / "u")
+    return model, path
+
+
+def _edit(path, change):
+    meta = json.loads((path / "update.json").read_text())
+    (path / "update.json").write_text(json.dumps(change(meta)))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: [m], "expected a JSON object"),
+    (lambda m: {**m, "format_version": "1"}, "format_version must be a positive integer"),
+    (lambda m: {k: v for k, v in m.items() if k != "spec"}, "missing or malformed 'spec'"),
+    (lambda m: {**m, "spec": {**m["spec"], "layer": "1"}}, "layer: expected an integer"),
+    (lambda m: {**m, "spec": {**m["spec"], "layer": 1.0}}, "layer: expected an integer"),
+    (lambda m: {**m, "spec": {**m["spec"], "layer": -1}}, "layer: expected an integer in"),
+    (lambda m: {**m, "spec": {**m["spec"], "hidden_size": -32}}, "hidden_size: expected an integer in"),
+    (lambda m: {**m, "spec": {**m["spec"], "rank": 10**9}}, "rank: expected an integer in"),
+    (lambda m: {**m, "spec": {**m["spec"], "rank": 40}}, "rank: 40 exceeds"),
+    (lambda m: {**m, "spec": {**m["spec"], "rank": 3}}, "has shape"),
+    (lambda m: {**m, "spec": {**m["spec"], "training": "x"}}, "training: expected a mapping"),
+])
+def test_hand_edited_metadata_is_a_clear_error(saved, change, message):
+    model, path = saved
+    _edit(path, change)
+    started = time.perf_counter()
+    with pytest.raises(UnisteerError, match=message):
+        load_update(path, model)
+    assert time.perf_counter() - started < 5  # refused from the header, before any large allocation
+
+
+def test_non_utf8_and_non_json_headers(saved, tmp_path):
+    model, path = saved
+    (path / "update.json").write_bytes(b"\xff\xfe{not json")
+    with pytest.raises(UnisteerError, match="not UTF-8"):
+        load_update(path)
+    single = tmp_path / "single.safetensors"
+    save_file({"vector": torch.zeros(32)}, str(single), metadata={"unisteer": "{broken"})
+    with pytest.raises(UnisteerError, match="not valid JSON"):
+        load_update(single)
+
+
+def test_non_finite_tensors_are_refused_at_load(tmp_path):
+    model = tiny_model("llama")
+    update = create_update(model, "vector", 1, seed=0)
+    path = save_update(update, tmp_path / "u")
+    tensors = {"vector": torch.full((32,), float("nan"))}
+    save_file(tensors, str(path / "update.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnisteerError, match="NaN or infinite"):
+        load_update(path, model)
+
+
+def test_saved_updates_follow_the_umask(tmp_path):
+    model = tiny_model("llama")
+    old = os.umask(0o022)
+    try:
+        path = save_update(create_update(model, "vector", 1, seed=0), tmp_path / "u")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+def test_cli_reports_broken_updates_in_one_line(saved, capsys):
+    _, path = saved
+    _edit(path, lambda m: [m])
+    code = main(["generate", "--model", "smollm2-135m-instruct", "--update", str(path), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_USER_ERROR and "Traceback" not in err
+    assert errors == [f"error: {path / 'update.json'}: expected a JSON object, got list"]
+
+
+def test_generation_that_overflows_is_an_error_not_empty_text():
+    from test_serving import char_tokenizer
+    from unisteer.generation import SamplingSettings, generate_steered
+
+    model = tiny_model("llama")
+    update = create_update(model, "vector", 1, seed=0)
+    with torch.no_grad():
+        update.vector.fill_(3e38)
+    with pytest.raises(UnisteerError, match="NaN or infinite at m = \\[2.0\\]"):
+        generate_steered(model, char_tokenizer(), ["hi"], update.eval(), [0.0, 2.0], SamplingSettings(max_new_tokens=3),
+                         progress=False)
