@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import random
 import shutil
 from pathlib import Path
@@ -17,7 +16,6 @@ from unisteer.data import (
     RENDERINGS,
     EncodedPair,
     FieldMap,
-    GenerationSettings,
     PairDataset,
     PairEncoder,
     PolarityPair,
@@ -29,14 +27,15 @@ from unisteer.data import (
     collate_pairs,
     collate_prompts,
     find_data_dir,
-    generate_unsteered,
     list_builtins,
     load_axbench_concept,
     load_builtin,
     read_pairs,
 )
 from unisteer.errors import ConfigError, DataError, ModelError
+from unisteer.generation import generate_unsteered
 from unisteer.hf_compat import cache_kwargs, output_cache
+from unisteer.sampling import SamplingSettings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 BAD = FIXTURES / "bad"
@@ -562,7 +561,7 @@ def test_list_and_unknown_builtins(mini_data):
             "advanced-ai-risk/power-seeking-inclination", "axbench/0", "axbench/1", "sentiment"} <= set(names)
     with pytest.raises(DataError, match="unknown built-in dataset"):
         load_builtin("psychopathy", data_dir=mini_data)
-    with pytest.raises(DataError, match="pass model=, tokenizer= and cache_dir="):
+    with pytest.raises(DataError, match="the data layer does not generate"):
         load_builtin("axbench/0", data_dir=mini_data)
 
 
@@ -582,40 +581,37 @@ def test_axbench_concept_held_out_instructions(mini_data):
 
 
 @pytest.mark.real_model
-def test_axbench_pairs_generate_negatives_once_and_cache(mini_data, smol_tokenizer, tiny_model, tmp_path,
+def test_axbench_negatives_are_generated_once_and_cached(mini_data, smol_tokenizer, tiny_model, tmp_path,
                                                          monkeypatch):
-    settings = GenerationSettings(max_new_tokens=5, batch_size=3)
-    data = load_builtin("axbench/0", data_dir=mini_data, model=tiny_model, tokenizer=smol_tokenizer,
-                        cache_dir=tmp_path, generation=settings)
-    cache_file = Path(data.extra["generation_cache"])
-    assert cache_file.parent == tmp_path / "unsteered-generations" and cache_file.is_file()
+    from unisteer.workflow import load_data
+
+    data = load_data("axbench/0", data_dir=mini_data, model=tiny_model, tokenizer=smol_tokenizer, cache_dir=tmp_path)
+    cache_files = list((tmp_path / "unsteered-generations").glob("*.jsonl"))
+    assert len(cache_files) == 1
     pairs = list(data.splits.train) + [w for w in data.warnings if w.kind == "empty_generation"]
     assert len(pairs) == 4  # every example became a pair or a counted warning
     pair = data.splits.train[0]
     assert pair.meta["instruction"] == pair.prompt and pair.meta["concept"] == "references to nighttime"
-    assert len(smol_tokenizer(pair.negative, add_special_tokens=False)["input_ids"]) <= 6
-    assert len(data.open_prompts["test"]) == 8 and data.record()["generation"] == settings.key()
+    assert len(data.open_prompts["test"]) == 8 and data.record()["generation"] == {"max_new_tokens": 256, "stop": []}
 
     def fail(*args, **kwargs):
         raise AssertionError("cached generations must not be regenerated")
 
     monkeypatch.setattr(tiny_model, "generate", fail)
-    again = generate_unsteered(tiny_model, smol_tokenizer, [p.prompt for p in data.splits.train],
-                               cache_dir=tmp_path, settings=GenerationSettings(max_new_tokens=5, batch_size=1))
-    assert [g.text for g in again] == [p.negative for p in data.splits.train]
-    with pytest.raises(AssertionError, match="must not be regenerated"):  # other settings → other cache entry
-        generate_unsteered(tiny_model, smol_tokenizer, ["Hi"], cache_dir=tmp_path,
-                           settings=GenerationSettings(max_new_tokens=6))
-    stored = json.loads(cache_file.read_text())
-    assert stored["key"]["generation"] == {"max_new_tokens": 5, "do_sample": False}
-    assert stored["key"]["model"]["model_id"] == "tiny-llama-smol-vocab"
+    again = load_data("axbench/0", data_dir=mini_data, model=tiny_model, tokenizer=smol_tokenizer, cache_dir=tmp_path)
+    assert [p.negative for p in again.splits.train] == [p.negative for p in data.splits.train]
+    with pytest.raises(AssertionError, match="must not be regenerated"):  # other settings: another cache file
+        generate_unsteered(tiny_model, smol_tokenizer, ["Hi"], cache_dir=tmp_path, progress=False,
+                           settings=SamplingSettings(max_new_tokens=6))
 
 
 @pytest.mark.real_model
-def test_axbench_pairs_function_matches_greedy_generate(mini_data, smol_tokenizer, tiny_model, tmp_path):
+def test_axbench_negatives_match_greedy_generate_and_empty_ones_are_counted(mini_data, smol_tokenizer, tiny_model,
+                                                                            tmp_path):
     concept = load_axbench_concept(1, data_dir=mini_data)
-    data = axbench_pairs(concept, tiny_model, smol_tokenizer, cache_dir=tmp_path,
-                         generation={"max_new_tokens": 4, "batch_size": 4})
+    answers = generate_unsteered(tiny_model, smol_tokenizer, [i for _, i, _ in concept.examples], cache_dir=tmp_path,
+                                 settings=SamplingSettings(max_new_tokens=4), progress=False)
+    data = axbench_pairs(concept, answers)
     encoder = PairEncoder(smol_tokenizer)
     first_instruction = concept.examples[0][1]
     ids = torch.tensor([encoder.encode_prompt(first_instruction)])
@@ -627,34 +623,16 @@ def test_axbench_pairs_function_matches_greedy_generate(mini_data, smol_tokenize
     expected = smol_tokenizer.decode(new, skip_special_tokens=True)
     by_prompt = {p.prompt: p.negative for p in data.splits.train}
     assert expected.strip() and by_prompt[first_instruction] == expected  # batched (left-padded) = alone
-    with pytest.raises(ConfigError, match="unknown key"):
-        axbench_pairs(concept, tiny_model, smol_tokenizer, cache_dir=tmp_path, generation={"max_tokens": 4})
 
-
-@pytest.mark.real_model
-def test_generation_edge_cases(mini_data, smol_tokenizer, tiny_model, tmp_path, monkeypatch):
-    sampled = [generate_unsteered(tiny_model, smol_tokenizer, ["Hi", "Tell me a story."], cache_dir=tmp_path / d,
-                                  settings={"max_new_tokens": 4, "do_sample": True, "seed": 3})
-               for d in ("one", "two")]
-    assert sampled[0] == sampled[1]  # seeded sampling is reproducible
-    cache_file = next((tmp_path / "one" / "unsteered-generations").glob("*.json"))
-    cache_file.write_text("{not json")
-    with pytest.raises(DataError, match="corrupt generation cache"):
-        generate_unsteered(tiny_model, smol_tokenizer, ["Hi"], cache_dir=tmp_path / "one",
-                           settings={"max_new_tokens": 4, "do_sample": True, "seed": 3})
-
-    import unisteer.datasets_builtin as builtin
-
-    def empty_first(model, tokenizer, prompts, settings, encoder):
-        return [builtin.GeneratedText("" if i == 0 else "An answer.", True) for i in range(len(prompts))]
-
-    monkeypatch.setattr(builtin, "_generate", empty_first)
-    data = axbench_pairs(load_axbench_concept(0, data_dir=mini_data), tiny_model, smol_tokenizer,
-                         cache_dir=tmp_path / "empty", generation={"max_new_tokens": 3, "batch_size": 2})
-    assert len(data.splits.train) == 2  # two empty answers (one per batch) dropped, two kept
-    assert [w.kind for w in data.warnings] == ["empty_generation"] * 2
-    assert str(data.warnings[0]).endswith("train_data.parquet row 1: the model's unsteered answer is empty; "
-                                          "pair dropped")
+    zero = load_axbench_concept(0, data_dir=mini_data)
+    fake = [type("Answer", (), {"text": "" if i % 2 == 0 else "An answer.", "finished": True})()
+            for i in range(len(zero.examples))]
+    dropped = axbench_pairs(zero, fake)
+    assert len(dropped.splits.train) == 2 and [w.kind for w in dropped.warnings] == ["empty_generation"] * 2
+    assert str(dropped.warnings[0]).endswith("train_data.parquet row 1: the model's unsteered answer is empty; "
+                                             "pair dropped")
+    with pytest.raises(DataError, match="answers for"):
+        axbench_pairs(zero, fake[:1])
 
 
 # ---------------------------------------------------------------------------------------------- built-ins (shared data)

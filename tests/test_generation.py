@@ -10,16 +10,9 @@ import torch
 from tiny_models import CONFIGS
 from unisteer.data import PairEncoder
 from unisteer.errors import ConfigError, DataError, ModelError, UnisteerError
-from unisteer.generation import (
-    PerRowSampler,
-    PromptInput,
-    SamplingSettings,
-    generate_steered,
-    read_generations,
-    stop_token_ids,
-    top_p_filter,
-)
+from unisteer.generation import PerRowSampler, PromptInput, generate_steered, read_generations
 from unisteer.hooks import Steering
+from unisteer.sampling import SamplingSettings, cut_at_stop, stop_token_ids, top_p_filter
 from unisteer.updates import create_update
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon who learned to fly again.", "Is 7 prime?",
@@ -73,7 +66,7 @@ def reference_generate(model, tokenizer, prompt, update, m, max_new_tokens):
     """Plain one-prompt `model.generate` (no padding) with a scalar multiplier, cut at the stop tokens."""
     encoder = PairEncoder(tokenizer)
     ids = torch.tensor([encoder.encode_prompt(prompt)])
-    stop = stop_token_ids(tokenizer, encoder)
+    stop = stop_token_ids(tokenizer, encoder.turn_end, model)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=encoder.pad_token_id)
     with torch.no_grad():
         if update is None:
@@ -94,8 +87,9 @@ def test_batched_greedy_equals_one_by_one_under_steering(smol_tokenizer, arch, f
     model = tiny_over_vocab(arch, smol_tokenizer, scale=8.0)
     update = random_update(model, form, scale=0.5)
     multipliers = [-3.0, 0.0, 2.0]
-    settings = SamplingSettings(max_new_tokens=6, batch_size=5)  # batches mix prompts and multipliers
-    gens = generate_steered(model, smol_tokenizer, PROMPTS, update, multipliers, settings, progress=False)
+    settings = SamplingSettings(max_new_tokens=6)
+    gens = generate_steered(model, smol_tokenizer, PROMPTS, update, multipliers, settings, progress=False,
+                            batch_size=5)  # batches mix prompts and multipliers
     assert [(g.prompt_index, g.multiplier) for g in gens] == [(i, m) for i in range(len(PROMPTS)) for m in multipliers]
     differs = False
     for g in gens:
@@ -110,7 +104,7 @@ def test_zero_multiplier_equals_plain_model(smol_tokenizer):
     model = tiny_over_vocab("llama", smol_tokenizer, scale=8.0)
     update = random_update(model, "vector", scale=2.0)
     gens = generate_steered(model, smol_tokenizer, PROMPTS, update, [0.0, 5.0],
-                            SamplingSettings(max_new_tokens=5, batch_size=8), progress=False)
+                            SamplingSettings(max_new_tokens=5), progress=False, batch_size=8)
     plain = generate_steered(model, smol_tokenizer, PROMPTS, None, [0.0],
                              SamplingSettings(max_new_tokens=5), progress=False)
     for g in gens:
@@ -128,9 +122,12 @@ def test_zero_multiplier_equals_plain_model(smol_tokenizer):
 def test_sampling_reproduces_and_does_not_depend_on_batching(smol_tokenizer):
     model = tiny_over_vocab("llama", smol_tokenizer, scale=3.0)
     update = random_update(model)
-    settings = dict(max_new_tokens=6, do_sample=True, temperature=1.3, top_p=0.95, seed=11, num_samples=2)
-    run = lambda **over: generate_steered(model, smol_tokenizer, PROMPTS[:2], update, [0.0, 1.0],  # noqa: E731
-                                          {**settings, **over}, progress=False)
+    settings = dict(max_new_tokens=6, temperature=1.3, top_p=0.95, seed=11)
+
+    def run(batch_size=8, **over):
+        return generate_steered(model, smol_tokenizer, PROMPTS[:2], update, [0.0, 1.0], {**settings, **over},
+                                progress=False, samples=2, batch_size=batch_size)
+
     first, again, rebatched = run(batch_size=8), run(batch_size=8), run(batch_size=3)
     texts = [g.text for g in first]
     assert texts == [g.text for g in again] == [g.text for g in rebatched]
@@ -145,7 +142,7 @@ def test_sampling_reproduces_and_does_not_depend_on_batching(smol_tokenizer):
 def test_per_row_sampler_follows_temperature_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     temperature = 2.0
-    sampler = PerRowSampler([5], temperature, 1.0, torch.device("cpu"))
+    sampler = PerRowSampler([5], SamplingSettings(temperature=temperature), torch.device("cpu"))
     counts = torch.zeros(4)
     draws = 4000
     for _ in range(draws):
@@ -164,6 +161,11 @@ def test_top_p_keeps_the_smallest_nucleus():
     torch.testing.assert_close(top_p_filter(probs, 1.0), probs)
 
 
+def test_stop_strings_cut_the_text():
+    assert cut_at_stop("Yes. And then", [". ", "then"]) == ("Yes", True)
+    assert cut_at_stop("No stop here", ["!"]) == ("No stop here", False)
+
+
 # ------------------------------------------------------------------------------------------ storage
 
 
@@ -173,28 +175,29 @@ def test_results_are_stored_incrementally_and_resume(smol_tokenizer, tmp_path):
     update.spec.name = "demo"
     path = tmp_path / "gens.jsonl"
     prompts = [PromptInput(p, {"concept": "dragons", "k": i}) for i, p in enumerate(PROMPTS)]
-    settings = SamplingSettings(max_new_tokens=4, batch_size=3)
-    full = generate_steered(model, smol_tokenizer, prompts, update, [-1.0, 2.0], settings, path, progress=False)
+    settings = SamplingSettings(max_new_tokens=4)
+    full = generate_steered(model, smol_tokenizer, prompts, update, [-1.0, 2.0], settings, path, progress=False,
+                            batch_size=3)
     lines = path.read_text().splitlines()
     assert len(lines) == 8
     record = json.loads(lines[0])
     assert {"prompt", "multiplier", "update_name", "update_id", "settings", "text", "run_key", "meta"} <= set(record)
-    assert record["update_name"] == "demo" and record["settings"] == {"max_new_tokens": 4, "do_sample": False,
-                                                                      "num_samples": 1}
+    assert record["update_name"] == "demo" and record["settings"] == {"max_new_tokens": 4, "stop": []}
     assert full[1].meta == {"concept": "dragons", "k": 0}
 
     # An interrupted run: three rows lost, the last line torn mid-write.
     path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
     calls = []
     handle = model.register_forward_pre_hook(lambda *args: calls.append(1))
-    resumed = generate_steered(model, smol_tokenizer, prompts, update, [-1.0, 2.0], settings, path, progress=False)
+    resumed = generate_steered(model, smol_tokenizer, prompts, update, [-1.0, 2.0], settings, path, progress=False,
+                               batch_size=3)
     handle.remove()
     assert [g.text for g in resumed] == [g.text for g in full]
     assert 1 <= len(calls) <= 4, "only the three missing rows (one batch, 4 decoding steps) are generated"
     assert len(read_generations(path)) == 8
     # A grown grid generates only the new multiplier.
     grown = generate_steered(model, smol_tokenizer, prompts, update, [-1.0, 2.0, 0.0], settings, path,
-                             progress=False)
+                             progress=False, batch_size=3)
     assert len(grown) == 12 and len(read_generations(path)) == 12
 
     # Another update or other settings never mix into this file.
@@ -216,14 +219,14 @@ def test_settings_and_inputs_are_validated(smol_tokenizer):
     assert SamplingSettings.from_dict({"max_new_tokens": 8}).max_new_tokens == 8
     with pytest.raises(ConfigError, match="unknown key"):
         SamplingSettings.from_dict({"max_tokens": 8})
-    with pytest.raises(ConfigError, match="num_samples > 1 needs do_sample"):
-        SamplingSettings(num_samples=2)
+    model = tiny_over_vocab("llama", smol_tokenizer)
+    with pytest.raises(ConfigError, match="samples > 1 needs a temperature"):
+        generate_steered(model, smol_tokenizer, ["Hi"], None, [0.0], samples=2, progress=False)
     with pytest.raises(ConfigError, match="temperature"):
-        SamplingSettings(do_sample=True, temperature=0.0)
+        SamplingSettings(temperature=-1.0)
     with pytest.raises(ConfigError, match="top_p"):
         SamplingSettings(top_p=1.5)
-    assert SamplingSettings(temperature=0.5).key() == SamplingSettings().key()  # greedy ignores temperature
-    model = tiny_over_vocab("llama", smol_tokenizer)
+    assert SamplingSettings(top_p=0.5).key() == SamplingSettings().key()  # greedy ignores top_p and seed
     with pytest.raises(ConfigError, match="without an update only m = 0"):
         generate_steered(model, smol_tokenizer, ["Hi"], None, [1.0], progress=False)
     with pytest.raises(ConfigError, match="single string"):

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerFast
 from tiny_models import VOCAB, tiny_model
 from unisteer.errors import UnisteerError
 from unisteer.hooks import Steering
+from unisteer.sampling import SamplingSettings, next_tokens
 from unisteer.serving import (
     BackgroundServer,
     ServerConfig,
@@ -32,7 +33,7 @@ from unisteer.serving import (
     build_app,
     load_updates_dir,
 )
-from unisteer.serving_engine import RowJob, RowQueue, SamplingParams, StreamingText, choose_next_tokens
+from unisteer.serving_engine import RowJob, RowQueue, StreamingText
 from unisteer.storage import save_update
 from unisteer.updates import create_update
 
@@ -214,19 +215,19 @@ def test_streaming_text_holds_back_partial_stop_strings():
 
 def test_sampling_is_greedy_at_zero_seeded_and_top_p_limited():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [0.0, 3.0, 1.0, 2.9]])
-    greedy = SamplingParams(max_tokens=1, temperature=0.0)
-    nucleus = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.3)
-    assert choose_next_tokens(logits, [greedy, nucleus], [None, torch.Generator().manual_seed(0)]).tolist() == [1, 1]
-    hot = SamplingParams(max_tokens=1, temperature=2.0)
-    draws = [choose_next_tokens(logits[:1], [hot], [torch.Generator().manual_seed(s)]).item() for s in range(40)]
+    greedy = SamplingSettings(max_new_tokens=1, temperature=0.0)
+    nucleus = SamplingSettings(max_new_tokens=1, temperature=1.0, top_p=0.3)
+    assert next_tokens(logits, [greedy, nucleus], [None, torch.Generator().manual_seed(0)]).tolist() == [1, 1]
+    hot = SamplingSettings(max_new_tokens=1, temperature=2.0)
+    draws = [next_tokens(logits[:1], [hot], [torch.Generator().manual_seed(s)]).item() for s in range(40)]
     assert len(set(draws)) > 1
-    again = [choose_next_tokens(logits[:1], [hot], [torch.Generator().manual_seed(s)]).item() for s in range(40)]
+    again = [next_tokens(logits[:1], [hot], [torch.Generator().manual_seed(s)]).item() for s in range(40)]
     assert draws == again
 
 
 def test_row_queue_is_bounded_and_all_or_nothing():
     def row():
-        return RowJob([1], SamplingParams(max_tokens=1), {}, sink=lambda event: None)
+        return RowJob([1], SamplingSettings(max_new_tokens=1), {}, sink=lambda event: None)
 
     queue = RowQueue(capacity=3)
     queue.put_all([row(), row()])

@@ -406,10 +406,10 @@ def _register_generate_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts-file", default=None, help="text file, one prompt per line")
     p.add_argument("--multipliers", default="0", help="comma-separated multipliers (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1, help="answers per prompt and multiplier (temperature > 0)")
     p.add_argument("--out", default=None, help="JSONL file for the generations (appends; resumes)")
     p.set_defaults(func=cmd_generate)
 
@@ -428,7 +428,8 @@ def _register_generate_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import SamplingSettings, generate_steered
+    from .generation import generate_steered
+    from .sampling import SamplingSettings
     from .storage import load_update
 
     prompts = list(args.prompt)
@@ -438,10 +439,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UnisteerError("give at least one --prompt or --prompts-file")
     model, tokenizer = _load_model(args)
     update = load_update(args.update, model) if args.update else None
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
     generations = generate_steered(model, tokenizer, prompts, update, _parse_floats(args.multipliers), settings,
-                                   args.out)
+                                   args.out, samples=args.samples)
     for generation in generations:
         print(f"--- m = {generation.multiplier:g} | {generation.prompt[:60]!r}\n{generation.text}\n")
     return 0

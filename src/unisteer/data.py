@@ -1008,8 +1008,7 @@ def _pad(rows: list[list[int]], labels: list[list[int]], completion: list[list[b
 # Built-in datasets live in `datasets_builtin` (which imports this module); re-exported lazily to avoid a cycle.
 _BUILTIN_EXPORTS = frozenset({
     "AXBENCH_SETTINGS", "BIPO_SETS", "CAA_BEHAVIOURS", "AxBenchConcept", "BuiltinData", "EvalPrompt",
-    "GeneratedText", "GenerationSettings", "axbench_pairs", "find_data_dir", "generate_unsteered",
-    "list_builtins", "load_axbench_concept", "load_builtin",
+    "axbench_pairs", "find_data_dir", "list_builtins", "load_axbench_concept", "load_builtin",
 })
 
 

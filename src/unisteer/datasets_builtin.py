@@ -21,18 +21,14 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .config import from_dict
 from .data import (
     DatasetSplits,
     DataWarning,
     PairDataset,
-    PairEncoder,
     PolarityPair,
     SourceRecord,
     SplitSpec,
@@ -42,7 +38,6 @@ from .data import (
     _jsonl_rows,
     _parquet_rows,
     _text_field,
-    collate_prompts,
     read_pairs,
     read_source_records,
 )
@@ -145,18 +140,14 @@ def list_builtins(data_dir: str | Path | None = None) -> list[str]:
 SplitArg = SplitSpec | Mapping[str, Any] | None
 
 
-def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitArg = None,
-                 model: Any = None, tokenizer: Any = None, cache_dir: str | Path | None = None,
-                 generation: GenerationSettings | dict | None = None,
-                 encoder: PairEncoder | None = None) -> BuiltinData:
+def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitArg = None) -> BuiltinData:
     """Load a built-in by name (see the module table).
 
     `split`: None for the built-in's default split; a mapping of `SplitSpec` fields to change only those
     (e.g. {"train": 200} keeps the default test and dev parts, so training pairs never come from them);
     a `SplitSpec` to replace the default entirely.
 
-    `model`, `tokenizer`, `cache_dir`, `generation` and `encoder` are used only by `axbench/...`, whose
-    negative side is generated with the model being steered.
+    `axbench/...` pairs need the steered model's own answers: `unisteer.workflow.load_data` builds them.
     """
     root = find_data_dir(data_dir)
     spec = split
@@ -170,17 +161,9 @@ def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitA
     if family == "advanced-ai-risk" and rest:
         return load_advanced_ai_risk(rest, root=root, split=spec)
     if family == "axbench" and rest:
-        setting, _, concept = rest.rpartition("/")
-        if model is None or tokenizer is None or cache_dir is None:
-            raise DataError(f"{name}: the negative side is the model's own answer; pass model=, tokenizer= and "
-                            "cache_dir= (see axbench_pairs)")
-        if not concept.isdigit():
-            raise DataError(f"{name}: expected axbench/<concept id> or axbench/<setting>/<concept id>")
-        seed = spec.seed if isinstance(spec, SplitSpec) else int((spec or {}).get("seed", 42))
-        concept_data = load_axbench_concept(int(concept), data_dir=root, setting=setting or DEFAULT_AXBENCH_SETTING,
-                                            seed=seed)
-        return axbench_pairs(concept_data, model, tokenizer, cache_dir=cache_dir, generation=generation,
-                             encoder=encoder, split=spec)
+        raise DataError(f"{name}: the negative side is the steered model's own answer, which the data layer does "
+                        "not generate; use unisteer.workflow.load_data (or axbench_concept_name + "
+                        "load_axbench_concept + generation.generate_unsteered + axbench_pairs)")
     if name == "sentiment":
         return load_sentiment(root=root, split=spec)
     raise DataError(f"unknown built-in dataset {name!r}; expected persona/<trait>, {', '.join(BIPO_SETS)}, "
@@ -467,50 +450,29 @@ def load_axbench_concept(concept_id: int, *, data_dir: str | Path | None = None,
     return AxBenchConcept(concept_id, concept, genre, setting, examples, parts, (str(parquet), str(alpaca)))
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Settings of the unsteered generations (greedy by default). `batch_size` only affects speed and is
-    not part of the cache key."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 42
-    batch_size: int = 8
-
-    def key(self) -> dict[str, Any]:
-        settings = asdict(self)
-        del settings["batch_size"]
-        if not self.do_sample:  # greedy decoding ignores these; keep the key stable across their values
-            for name in ("temperature", "top_p", "seed"):
-                del settings[name]
-        return settings
+def axbench_concept_id(name: str) -> tuple[str, int]:
+    """(setting, concept id) of `axbench/<id>` or `axbench/<setting>/<id>`."""
+    setting, _, concept = name.removeprefix("axbench/").rpartition("/")
+    if not concept.isdigit():
+        raise DataError(f"{name}: expected axbench/<concept id> or axbench/<setting>/<concept id>")
+    return setting or DEFAULT_AXBENCH_SETTING, int(concept)
 
 
-@dataclass(frozen=True)
-class GeneratedText:
-    text: str
-    finished: bool  # the model ended its turn (eos) within max_new_tokens
-
-
-def axbench_pairs(concept: AxBenchConcept, model: Any, tokenizer: Any, *, cache_dir: str | Path,
-                  generation: GenerationSettings | dict | None = None, encoder: PairEncoder | None = None,
-                  split: SplitArg = None) -> BuiltinData:
+def axbench_pairs(concept: AxBenchConcept, answers: Sequence[Any], *, split: SplitArg = None,
+                  extra: dict[str, Any] | None = None) -> BuiltinData:
     """AxBench pairs: (instruction, concept-laden output, the model's own unsteered answer).
 
-    The negative side is generated once per (model, generation settings, rendering) and cached under
-    `cache_dir` (see `generate_unsteered`). Empty generations are dropped with an `empty_generation`
-    warning. Default split: every pair trains (the paper's 72 per concept); the held-out AlpacaEval
-    instructions are `open_prompts`.
+    `answers` are the model's generations for the concept's instructions, in `concept.examples` order (any
+    objects with `.text` and `.finished`, e.g. `generation.Generation`). Empty answers are dropped with an
+    `empty_generation` warning. Default split: every pair trains (the paper's 72 per concept); the held-out
+    AlpacaEval instructions are `open_prompts`.
     """
-    settings = _generation_settings(generation)
-    encoder = encoder or PairEncoder(tokenizer)
-    instructions = [instruction for _, instruction, _ in concept.examples]
-    generated, cache_file = _generate_cached(model, tokenizer, instructions, Path(cache_dir), settings, encoder)
+    if len(answers) != len(concept.examples):
+        raise DataError(f"axbench concept {concept.concept_id}: {len(answers)} answers for "
+                        f"{len(concept.examples)} instructions")
     parquet = concept.files[0]
     records, warnings = [], []
-    for (row, instruction, output), answer in zip(concept.examples, generated, strict=True):
+    for (row, instruction, output), answer in zip(concept.examples, answers, strict=True):
         if not answer.text.strip():
             warnings.append(DataWarning("empty_generation", parquet, row,
                                         "the model's unsteered answer is empty; pair dropped", "row"))
@@ -522,109 +484,6 @@ def axbench_pairs(concept: AxBenchConcept, model: Any, tokenizer: Any, *, cache_
     name = f"axbench/{concept.setting}/{concept.concept_id}"
     dataset = PairDataset.from_records(records, name=name, sources=[parquet], warnings=warnings)
     splits = dataset.split(split_spec(SplitSpec(), split))
-    extra = {"concept": concept.concept, "generation": settings.key(), "generation_cache": str(cache_file)}
     return BuiltinData(name, splits, open_prompts=dict(concept.held_out), files=concept.files,
-                       description=f"AxBench concept {concept.concept_id}: {concept.concept}", extra=extra)
-
-
-def generate_unsteered(model: Any, tokenizer: Any, prompts: Sequence[str], *, cache_dir: str | Path,
-                       settings: GenerationSettings | dict | None = None,
-                       encoder: PairEncoder | None = None) -> list[GeneratedText]:
-    """The model's own answers to `prompts` (plain `model.generate`, no intervention), cached on disk.
-
-    The cache file under `cache_dir/unsteered-generations/` is keyed by the model (id, config hash and a
-    probe of its weights), the generation settings and the prompt rendering; only prompts not yet cached
-    are generated.
-    """
-    resolved = _generation_settings(settings)
-    encoder = encoder or PairEncoder(tokenizer)
-    texts, _ = _generate_cached(model, tokenizer, prompts, Path(cache_dir), resolved, encoder)
-    return texts
-
-
-def _generation_settings(value: GenerationSettings | dict | None) -> GenerationSettings:
-    if value is None:
-        return GenerationSettings()
-    if isinstance(value, dict):
-        return from_dict(GenerationSettings, value, where="generation")
-    return value
-
-
-def _generate_cached(model: Any, tokenizer: Any, prompts: Sequence[str], cache_dir: Path,
-                     settings: GenerationSettings, encoder: PairEncoder) -> tuple[list[GeneratedText], Path]:
-    key = {"model": _model_fingerprint(model), "generation": settings.key(), "rendering": encoder.describe(),
-           "vocab_size": len(tokenizer)}
-    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model"]["model_id"])[-60:]
-    path = cache_dir / "unsteered-generations" / f"{slug}-{key_hash[:16]}.json"
-    entries: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: corrupt generation cache ({exc.msg}); delete it to regenerate") from exc
-        if stored.get("key") != key:
-            raise DataError(f"{path}: generation cache was written for another setting; delete it to regenerate")
-        entries = stored["generations"]
-    missing = list(dict.fromkeys(p for p in prompts if _prompt_id(p) not in entries))
-    if missing:
-        for start in range(0, len(missing), settings.batch_size):
-            chunk = missing[start:start + settings.batch_size]
-            for prompt, answer in zip(chunk, _generate(model, tokenizer, chunk, settings, encoder), strict=True):
-                entries[_prompt_id(prompt)] = {"prompt": prompt, "text": answer.text, "finished": answer.finished}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "generations": entries}, ensure_ascii=False, indent=1),
-                       encoding="utf-8")
-        os.replace(tmp, path)  # readers never see a half-written cache
-    return [GeneratedText(entries[_prompt_id(p)]["text"], entries[_prompt_id(p)]["finished"]) for p in prompts], path
-
-
-def _prompt_id(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode()).hexdigest()[:32]
-
-
-def _model_fingerprint(model: Any) -> dict[str, str]:
-    """Model id and config hash, plus a probe of the weights so that two checkpoints of one architecture
-    (or two random initialisations) never share a cache."""
-    from .models import config_hash, model_id
-
-    params = list(model.parameters())
-    digest = hashlib.sha256()
-    for tensor in (params[0], params[-1]):
-        digest.update(tensor.detach().reshape(-1)[:256].to("cpu", torch.float32).numpy().tobytes())
-    return {"model_id": model_id(model), "config_hash": config_hash(model), "weights_probe": digest.hexdigest()[:16]}
-
-
-def _stop_ids(tokenizer: Any, encoder: PairEncoder) -> list[int]:
-    """eos and the end-of-turn token (e.g. '<|im_end|>'), whichever the tokenizer has."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    turn = tokenizer(encoder.turn_end, add_special_tokens=False)["input_ids"] if encoder.turn_end else []
-    if turn and turn[0] in set(getattr(tokenizer, "all_special_ids", [])):
-        ids.add(turn[0])
-    return sorted(ids)
-
-
-def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings,
-              encoder: PairEncoder) -> list[GeneratedText]:
-    device = next(model.parameters()).device
-    batch = collate_prompts([encoder.encode_prompt(p) for p in prompts], pad_token_id=encoder.pad_token_id,
-                            padding_side="left")
-    stop = _stop_ids(tokenizer, encoder)
-    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-                              "pad_token_id": encoder.pad_token_id, "eos_token_id": stop or None}
-    if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=settings.do_sample), torch.no_grad():
-        if settings.do_sample:
-            torch.manual_seed(settings.seed)
-        output = model.generate(input_ids=batch.input_ids.to(device),
-                                attention_mask=batch.attention_mask.to(device), **kwargs)
-    new_tokens = output[:, batch.input_ids.shape[1]:].tolist()
-    answers = []
-    for row in new_tokens:
-        cut = next((i for i, t in enumerate(row) if t in stop), None)
-        kept = row if cut is None else row[:cut]
-        answers.append(GeneratedText(tokenizer.decode(kept, skip_special_tokens=True), cut is not None))
-    return answers
+                       description=f"AxBench concept {concept.concept_id}: {concept.concept}",
+                       extra={"concept": concept.concept, **dict(extra or {})})

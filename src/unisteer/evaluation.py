@@ -57,9 +57,10 @@ from tqdm.auto import tqdm
 
 from .data import EncodedPair, PairEncoder, PolarityPair, answer_meta, collate_pairs, collate_prompts
 from .errors import ConfigError, DataError, UnisteerError
-from .generation import Generation, SamplingSettings, eval_mode, generate_steered, multiplier_grid
+from .generation import Generation, eval_mode, generate_steered, multiplier_grid
 from .hooks import Steering
 from .prefix import capture_layer_input, run_from_layer
+from .sampling import SamplingSettings
 from .scoring import completion_nll_from_hidden, final_hidden, logits_for_rows
 from .updates import Update
 

@@ -3,14 +3,17 @@
     gens = generate_steered(model, tokenizer, prompts, update, multipliers=[-4, 0, 4],
                             settings=SamplingSettings(max_new_tokens=64), out_path="gens.jsonl")
 
+(`SamplingSettings` and the token choice live in `unisteer.sampling`, shared with the server.)
+
 Rows are (prompt, sample) × multiplier; one `model.generate` call serves a batch of rows with a per-row
 multiplier tensor (`Steering(model, update, multiplier=tensor[B])`), left padding and the chat template of
 `PairEncoder`. Decoding stops at eos or the template's end-of-turn token.
 
 Sampling is reproducible independently of batching: each row draws from its own `torch.Generator`, seeded
-from (settings.seed, prompt, sample index). The seed deliberately ignores the multiplier, so every multiplier
-of a prompt sees the same random numbers (common random numbers: differences between multipliers are not
-sampling noise), and a resumed run produces exactly what an uninterrupted run would have.
+from (settings.seed, the prompt's tokens, sample index) by `sampling.row_seed`. The seed deliberately ignores
+the multiplier, so every multiplier of a prompt sees the same random numbers (common random numbers:
+differences between multipliers are not sampling noise), and a resumed run produces exactly what an
+uninterrupted run would have.
 
 Storage: with `out_path`, every finished batch is appended to the JSONL file at once. Each line holds the
 prompt, multiplier, sample index, update name and fingerprint, settings and a `run_key` (model, update,
@@ -26,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -37,64 +41,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .config import from_dict
 from .data import PairEncoder, collate_prompts
 from .errors import ConfigError, DataError, UnisteerError
 from .hooks import Steering
+from .sampling import SamplingSettings, cut_at_stop, next_tokens, row_seed, stop_token_ids
 from .updates import Update
 
 GENERATION_FORMAT = "unisteer-generation"
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Decoding settings. Greedy by default; `do_sample=True` uses temperature and nucleus (top_p) sampling.
-
-    `num_samples` draws several samples per prompt (sampling only). `batch_size` is the number of rows
-    (prompt × multiplier × sample) per `generate` call; it changes speed, never the results, and is not
-    part of the stored settings key.
-    """
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 42
-    num_samples: int = 1
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        problems = []
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature > 0):
-            problems.append(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
-            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            problems.append(f"seed must be an integer, got {self.seed!r}")
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
-            problems.append(f"num_samples must be a positive integer, got {self.num_samples!r}")
-        elif self.num_samples > 1 and not self.do_sample:
-            problems.append("num_samples > 1 needs do_sample=true (greedy samples would all be identical)")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if problems:
-            raise ConfigError("generation settings: " + "; ".join(problems))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, where: str = "generation") -> SamplingSettings:
-        return from_dict(cls, data, where=where)
-
-    def key(self) -> dict[str, Any]:
-        """The settings that determine the output (greedy ignores temperature, top_p and seed)."""
-        settings = asdict(self)
-        del settings["batch_size"]
-        if not self.do_sample:
-            for name in ("temperature", "top_p", "seed"):
-                del settings[name]
-        return settings
 
 
 @dataclass(frozen=True)
@@ -148,16 +102,25 @@ def generate_steered(
     settings: SamplingSettings | dict[str, Any] | None = None,
     out_path: str | Path | None = None,
     *,
+    samples: int = 1,
+    batch_size: int = 16,
     encoder: PairEncoder | None = None,
     progress: bool = True,
 ) -> list[Generation]:
     """Generate an answer for every prompt × multiplier (× sample); see the module docstring.
 
     `prompts` are strings, `PromptInput`s or any objects with `.prompt` and `.meta` (e.g. the data module's
-    `EvalPrompt`). `update=None` generates with the plain model (multipliers must then be 0). Results come
-    back ordered by prompt, then sample, then multiplier (as given).
+    `EvalPrompt`). `update=None` generates with the plain model (multipliers must then be 0). `samples`
+    draws several answers per prompt (sampling only); `batch_size` rows share a `generate` call (speed only,
+    never the results). Results come back ordered by prompt, then sample, then multiplier (as given).
     """
     settings = _settings(settings)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ConfigError(f"samples must be a positive integer, got {samples!r}")
+    if samples > 1 and settings.greedy:
+        raise ConfigError("samples > 1 needs a temperature above 0 (greedy samples would all be identical)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     inputs = _prompt_inputs(prompts)
     multiplier_list = multiplier_grid(multipliers, update)
     encoder = encoder or PairEncoder(tokenizer)
@@ -168,7 +131,7 @@ def generate_steered(
     store = GenerationStore(Path(out_path), run_key) if out_path is not None else None
     done: dict[tuple[str, float, int], Generation] = dict(store.load()) if store else {}
 
-    rows = [(i, s, m) for i in range(len(inputs)) for s in range(settings.num_samples) for m in multiplier_list]
+    rows = [(i, s, m) for i in range(len(inputs)) for s in range(samples) for m in multiplier_list]
     missing, seen = [], set(done)
     for i, s, m in rows:
         key = (_text_hash(inputs[i].prompt), m, s)
@@ -178,19 +141,20 @@ def generate_steered(
     prompt_ids = {i: encoder.encode_prompt(inputs[i].prompt) for i in {r[0] for r in missing}}
     # Rows of similar length share a batch, so little compute goes into padding.
     missing.sort(key=lambda r: (len(prompt_ids[r[0]]), r[0], r[1], r[2]))
-    stop_ids = stop_token_ids(tokenizer, encoder)
+    stop_ids = stop_token_ids(tokenizer, encoder.turn_end, model)
     bar = tqdm(total=len(missing), desc="generate", unit="row", disable=not progress)
     try:
-        for start in range(0, len(missing), settings.batch_size):
-            chunk = missing[start:start + settings.batch_size]
-            seeds = [row_seed(settings.seed, inputs[i].prompt, s) if settings.do_sample else None for i, s, _ in chunk]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            seeds = [None if settings.greedy else row_seed(settings.seed, prompt_ids[i], s) for i, s, _ in chunk]
             outputs = _generate_batch(model, update, [prompt_ids[i] for i, _, _ in chunk], [m for _, _, m in chunk],
                                       seeds, settings, encoder.pad_token_id, stop_ids)
             batch_generations = []
             for (i, s, m), seed, (new_ids, finished) in zip(chunk, seeds, outputs, strict=True):
+                text, stopped = cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), settings.stop)
                 generation = Generation(
                     prompt_index=i, prompt=inputs[i].prompt, multiplier=m, sample=s,
-                    text=tokenizer.decode(new_ids, skip_special_tokens=True), finished=finished,
+                    text=text, finished=finished or stopped,
                     n_new_tokens=len(new_ids), update_name=update_name, update_id=update_id, seed=seed,
                     settings=settings.key(), run_key=run_key, meta=dict(inputs[i].meta))
                 done[generation.row_key] = generation
@@ -203,21 +167,23 @@ def generate_steered(
     return [_with_index(done[(_text_hash(inputs[i].prompt), m, s)], i, inputs[i].meta) for i, s, m in rows]
 
 
-def stop_token_ids(tokenizer: Any, encoder: PairEncoder) -> list[int]:
-    """Token ids that end an answer: eos and the template's end-of-turn token (e.g. '<|im_end|>')."""
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    if encoder.turn_end:
-        turn = tokenizer(encoder.turn_end, add_special_tokens=False)["input_ids"]
-        # Only a special token can mark the end reliably; a plain-text suffix would also stop mid-answer.
-        if turn and turn[0] in set(getattr(tokenizer, "all_special_ids", [])):
-            ids.add(int(turn[0]))
-    return sorted(ids)
+def generate_unsteered(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, cache_dir: str | Path,
+                       settings: SamplingSettings | dict[str, Any] | None = None,
+                       encoder: PairEncoder | None = None, progress: bool = True) -> list[Generation]:
+    """The plain model's own answers to `prompts` (AxBench's negative side), generated once and cached.
 
-
-def row_seed(seed: int, prompt: str, sample: int) -> int:
-    """The sampling seed of one row: depends on the run seed, the prompt and the sample index, not on m."""
-    digest = hashlib.sha256(f"{seed}\x00{sample}\x00{prompt}".encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:7], "big")
+    The cache file under `cache_dir/unsteered-generations/` is named by the model (id, config hash and a probe
+    of its weights), the sampling settings and the rendering; only prompts not yet stored are generated.
+    """
+    settings = _settings(settings if settings is not None else SamplingSettings(max_new_tokens=256))
+    encoder = encoder or PairEncoder(tokenizer)
+    fingerprint = model_fingerprint(model)
+    key = json.dumps({"model": fingerprint, "settings": settings.key(), "rendering": encoder.describe()},
+                     sort_keys=True, default=str)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", fingerprint["model_id"])[-60:]
+    path = Path(cache_dir) / "unsteered-generations" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    return generate_steered(model, tokenizer, list(prompts), None, [0.0], settings, path, encoder=encoder,
+                            progress=progress)
 
 
 def update_fingerprint(update: Update) -> str:
@@ -316,40 +282,20 @@ class FiniteLogits(LogitsProcessor):
 
 
 class PerRowSampler(LogitsProcessor):
-    """A logits processor that samples each row with its own generator and forces that token.
+    """Samples each row with its own generator (`sampling.next_tokens`) and forces that token, so that
+    `generate` runs its cache handling greedily while the randomness is per row."""
 
-    `generate` then runs greedily and picks the forced token, so its cache handling is reused while the
-    randomness is per row (independent of batch composition). Temperature and top_p follow the usual
-    definitions: softmax(logits / T), restricted to the smallest set of tokens whose mass reaches top_p.
-    """
-
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device) -> None:
+    def __init__(self, seeds: Sequence[int], settings: SamplingSettings, device: torch.device) -> None:
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        self.temperature = temperature
-        self.top_p = top_p
+        self.settings = settings
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != len(self.generators):
             raise UnisteerError(f"sampler: {scores.shape[0]} rows but {len(self.generators)} generators")
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            probs = top_p_filter(probs, self.top_p)
-        chosen = torch.stack([torch.multinomial(probs[b], 1, generator=g)[0]
-                              for b, g in enumerate(self.generators)])
+        chosen = next_tokens(scores, [self.settings] * len(self.generators), self.generators)
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(1, chosen.unsqueeze(1), 0.0)
         return forced
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero every token outside the nucleus: the most likely tokens until their mass reaches `top_p`
-    (the token that crosses it included), renormalised."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    kept = probs * keep
-    return kept / kept.sum(-1, keepdim=True)
 
 
 def _generate_batch(model: nn.Module, update: Update | None, prompt_ids: Sequence[list[int]],
@@ -361,9 +307,8 @@ def _generate_batch(model: nn.Module, update: Update | None, prompt_ids: Sequenc
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=pad_token_id, eos_token_id=stop_ids or None)
     processors = LogitsProcessorList([FiniteLogits(multipliers)])
-    if settings.do_sample:
-        processors.append(PerRowSampler([int(s) for s in seeds if s is not None], settings.temperature,
-                                        settings.top_p, device))
+    if not settings.greedy:
+        processors.append(PerRowSampler([int(s) for s in seeds if s is not None], settings, device))
     with torch.no_grad(), _steering(model, update, multipliers, device):
         output = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 generation_config=config, logits_processor=processors)

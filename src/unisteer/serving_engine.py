@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from torch import nn
 from .errors import UnisteerError
 from .hf_compat import cache_is_joinable, cache_kwargs, drop_leading_columns, join_left_padded, new_cache
 from .hooks import Steering
+from .sampling import SamplingSettings, next_tokens, row_generator, stop_token_ids
 from .updates import Update
 
 _log = logging.getLogger(__name__)
@@ -39,17 +39,6 @@ _log = logging.getLogger(__name__)
 # Prompt tokens decoded in front of the generated ones, so that the first generated token gets the
 # leading space (or merge) it would have in context.
 _DETOKENIZE_CONTEXT = 5
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one row picks its tokens. temperature 0 means greedy."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,13 +55,19 @@ class RowEvent:
 
 @dataclass
 class RowJob:
-    """One sequence to generate: a prompt, how to sample, which updates at which multipliers."""
+    """One sequence to generate: a prompt, how to sample, which updates at which multipliers.
+
+    `sample` is the row's index among the choices of its prompt (its sampling seed depends on it);
+    `seeded` is False when the request sent no seed (the row then draws a fresh one).
+    """
 
     prompt_ids: list[int]
-    sampling: SamplingParams
+    sampling: SamplingSettings
     multipliers: dict[str, float]  # update name -> multiplier; names absent here get m = 0
     sink: Callable[[RowEvent], None]
     index: int = 0
+    sample: int = 0
+    seeded: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -217,24 +212,6 @@ def _stop_prefix_tail(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def choose_next_tokens(logits: torch.Tensor, sampling: Sequence[SamplingParams],
-                       generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One next token per row: greedy where temperature is 0, else temperature + top-p sampling."""
-    chosen = logits.argmax(dim=-1)
-    for row, params in enumerate(sampling):
-        if params.temperature == 0:
-            continue
-        probs = torch.softmax(logits[row].float() / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        chosen[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
-    return chosen
-
-
 @dataclass
 class GeneratorStats:
     """Counters the worker updates; read through `snapshot()`."""
@@ -290,7 +267,7 @@ class BatchGenerator:
         self.stats = GeneratorStats()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.device = next(model.parameters()).device
-        self.eos_ids = _eos_token_ids(model, tokenizer)
+        self.eos_ids = frozenset(stop_token_ids(tokenizer, model=model))
         self.pad_id = _pad_token_id(model, tokenizer)
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._stop_requested = threading.Event()
@@ -364,7 +341,7 @@ class _RowState:
     def __init__(self, job: RowJob, tokenizer, device: torch.device):
         self.job = job
         self.text = StreamingText(tokenizer, job.prompt_ids, job.sampling.stop)
-        self.generator = _row_generator(job, device)
+        self.generator = row_generator(job.sampling, job.prompt_ids, job.sample, device, seeded=job.seeded)
         self.prompt_length = len(job.prompt_ids)
         self.generated = 0
         self.finished = False
@@ -416,16 +393,16 @@ class _BatchRun:
                     # A row whose steering overflowed fails alone; the others in the batch go on unaffected.
                     finite = torch.isfinite(live.logits).all(dim=-1)
                     logits = live.logits if bool(finite.all()) else live.logits.masked_fill(~finite[:, None], 0.0)
-                    next_tokens = choose_next_tokens(logits, [s.job.sampling for s in live.states],
-                                                     [s.generator for s in live.states])
-                    keep, produced = self._advance(live.states, next_tokens.tolist(), finite.tolist())
+                    chosen = next_tokens(logits, [s.job.sampling for s in live.states],
+                                         [s.generator for s in live.states])
+                    keep, produced = self._advance(live.states, chosen.tolist(), finite.tolist())
                     self._count_step(produced)
                     if not keep:
                         return
                     if len(keep) < len(live.states):
                         index = torch.tensor(keep, device=self.owner.device)
-                        live, next_tokens = self._narrowed(live, index), next_tokens[index]
-                    live = self._stepped(live, next_tokens)
+                        live, chosen = self._narrowed(live, index), chosen[index]
+                    live = self._stepped(live, chosen)
         finally:
             self._detach()
 
@@ -526,7 +503,7 @@ class _BatchRun:
                     state.job.sink(RowEvent(state.job.index, text=delta))
                 if state.text.stopped:
                     state.finish("stop")
-                elif state.generated >= state.job.sampling.max_tokens:
+                elif state.generated >= state.job.sampling.max_new_tokens:
                     state.finish("length")
                 else:
                     keep.append(position)
@@ -546,24 +523,6 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.de
         input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         mask[row, longest - len(prompt):] = 1
     return input_ids.to(device), mask.to(device)
-
-
-def _row_generator(row: RowJob, device: torch.device) -> torch.Generator | None:
-    if row.sampling.temperature == 0:
-        return None
-    seed = row.sampling.seed + row.index if row.sampling.seed is not None else int.from_bytes(os.urandom(8)) >> 1
-    return torch.Generator(device=device).manual_seed(seed % (1 << 63))
-
-
-def _eos_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config_eos, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
 
 
 def _pad_token_id(model: nn.Module, tokenizer) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import jinja2
 
 from .errors import UnisteerError
-from .serving_engine import SamplingParams
+from .sampling import SamplingSettings
 
 MAX_STOP_SEQUENCES = 4
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -102,11 +102,12 @@ class ParsedRequest:
     kind: str  # "chat" or "completion"
     model: str  # the model name as the client sent it, echoed back
     prompts: list[list[int]]
-    sampling: SamplingParams
+    sampling: SamplingSettings
     n: int
     steering: list[SteeringTerm]
     stream: bool
     include_usage: bool
+    seeded: bool = False  # the request sent a seed
 
     @property
     def multipliers(self) -> dict[str, float]:
@@ -174,13 +175,13 @@ def parse_request(kind: str, body: dict[str, Any], *, base_model: str, update_na
     if n * len(prompts) > limits.max_choices:
         raise ApiError(400, f"{len(prompts)} prompts x n={n} asks for {n * len(prompts)} completions; this "
                             f"server allows at most {limits.max_choices} per request", param="n")
-    sampling = parse_sampling(body, kind, prompts, limits)
+    sampling, seeded = parse_sampling(body, kind, prompts, limits)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, f"'stream' must be true or false, got {_json_type(stream)}", param="stream")
     include_usage = _include_usage(body.get("stream_options"), stream)
     return ParsedRequest(kind=kind, model=model, prompts=prompts, sampling=sampling, n=n, steering=steering,
-                         stream=stream, include_usage=include_usage)
+                         stream=stream, include_usage=include_usage, seeded=seeded)
 
 
 def parse_model_name(model: str, base_model: str, update_names: Sequence[str],
@@ -328,7 +329,9 @@ def _non_empty(ids: list[int], where: str) -> list[int]:
     return ids
 
 
-def parse_sampling(body: dict[str, Any], kind: str, prompts: list[list[int]], limits: Limits) -> SamplingParams:
+def parse_sampling(body: dict[str, Any], kind: str, prompts: list[list[int]], limits: Limits
+                   ) -> tuple[SamplingSettings, bool]:
+    """The request's sampling settings, and whether it sent a seed."""
     longest = max(len(p) for p in prompts)
     if longest > limits.max_prompt_tokens:
         raise ApiError(400, f"the prompt has {longest} tokens; this server accepts at most "
@@ -349,8 +352,9 @@ def parse_sampling(body: dict[str, Any], kind: str, prompts: list[list[int]], li
     if top_p == 0.0:
         raise ApiError(400, "'top_p' must be greater than 0", param="top_p")
     seed = _integer(body, "seed", default=None, low=-(1 << 63), high=(1 << 63) - 1)
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          stop=_stop_sequences(body.get("stop")), seed=seed)
+    settings = SamplingSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                stop=_stop_sequences(body.get("stop")), seed=0 if seed is None else seed)
+    return settings, seed is not None
 
 
 def _stop_sequences(value: Any) -> tuple[str, ...]:

@@ -33,7 +33,14 @@ from .data import (
     collate_pairs,
     read_pairs,
 )
-from .datasets_builtin import BuiltinData, load_builtin, split_spec
+from .datasets_builtin import (
+    BuiltinData,
+    axbench_concept_id,
+    axbench_pairs,
+    load_axbench_concept,
+    load_builtin,
+    split_spec,
+)
 from .errors import ConfigError, DataError
 from .evaluation import (
     AccuracyByM,
@@ -171,6 +178,8 @@ def load_data(name: str, *, data_dir: str | None = None, fields: Any = None,
     that is given the same values gets the same parts, and sizes never move test or dev pairs into train.
     """
     path = Path(name)
+    if name.startswith("axbench/"):
+        return _axbench(name, data_dir=data_dir, split=split, model=model, tokenizer=tokenizer, cache_dir=cache_dir)
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         dataset = read_pairs(path, fields)
         splits = dataset.split(split_spec(SplitSpec(dev=0.1, test=0.1), split))
@@ -178,8 +187,23 @@ def load_data(name: str, *, data_dir: str | None = None, fields: Any = None,
         return BuiltinData(name=str(path), splits=splits, choice_test=splits.test if choice else None,
                            choice_dev=splits.dev if choice and _all_choice(splits.dev) else None,
                            files=(str(path),))
-    return load_builtin(name, data_dir=data_dir, split=split, model=model, tokenizer=tokenizer,
-                        cache_dir=cache_dir)
+    return load_builtin(name, data_dir=data_dir, split=split)
+
+
+def _axbench(name: str, *, data_dir: str | None, split: Mapping[str, Any] | None, model: nn.Module | None,
+             tokenizer: Any, cache_dir: str | Path | None) -> BuiltinData:
+    """AxBench pairs: the concept's examples against the plain model's own answers (generated once, cached)."""
+    from .generation import generate_unsteered
+
+    if model is None or tokenizer is None or cache_dir is None:
+        raise DataError(f"{name}: the negative side is the model's own answer; pass model=, tokenizer= and "
+                        "cache_dir=")
+    setting, concept_id = axbench_concept_id(name)
+    seed = int((split or {}).get("seed", 42))
+    concept = load_axbench_concept(concept_id, data_dir=data_dir, setting=setting, seed=seed)
+    answers = generate_unsteered(model, tokenizer, [instruction for _, instruction, _ in concept.examples],
+                                 cache_dir=cache_dir)
+    return axbench_pairs(concept, answers, split=split, extra={"generation": answers[0].settings if answers else {}})
 
 
 def _all_choice(dataset: PairDataset) -> bool:
