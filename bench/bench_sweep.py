@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from unisteer.analysis import default_grid, score_one_by_one, score_pairs
+from unisteer.analysis import score_one_by_one, score_pairs
 from unisteer.data import PairEncoder, load_builtin
 from unisteer.models import DEFAULT_MODEL, load_model
-from unisteer.updates import create_update
+from unisteer.updates import create_update, default_grid
 
 SWEEP_PAIRS, SWEEP_MULTIPLIERS = 500, 21  # the sweep size the projection is for
 

@@ -11,7 +11,6 @@ import torch
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model
 from unisteer.analysis import (
     SweepConfig,
-    default_grid,
     fit_sweep,
     read_scores,
     run_sweep,
@@ -23,7 +22,7 @@ from unisteer.data import EncodedPair, PairDataset, PairEncoder, PolarityPair
 from unisteer.errors import ConfigError, DataError
 from unisteer.hooks import Steering
 from unisteer.logodds import compute_log_odds
-from unisteer.updates import FORMS, create_update
+from unisteer.updates import FORMS, create_update, default_grid
 
 LAYER = 1
 GRID = [-2.0, 0.0, 1.5]

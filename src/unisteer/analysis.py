@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -69,6 +68,7 @@ from .data import (
     collate_completions,
 )
 from .errors import ConfigError, DataError, UnisteerError
+from .fingerprint import update_fingerprint
 from .fitting import DecayFit, FitError, fit_preference, fit_utility, score
 from .hf_compat import cache_kwargs, fill_layers, new_cache
 from .hooks import Steering
@@ -76,7 +76,7 @@ from .logodds import VARIANTS, AggregatedCurve, aggregate_per_multiplier, comput
 from .manifold import METRICS, ManifoldReference, build_reference, correlate
 from .prefix import layers_from
 from .scoring import completion_nll, completion_nll_from_hidden, stack_owner
-from .updates import Positions, Update
+from .updates import Positions, Update, check_multipliers, default_grid
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +90,6 @@ _MANIFOLD_KEYS = ("manifold", "manifold_layers", "manifold_variance", "manifold_
 
 
 # ---------------------------------------------------------------------------------------------- config
-
-
-def default_grid(form: str) -> list[float]:
-    """21 multipliers, both signs and 0, spanning the training factor sets of SPEC §5 with some margin.
-
-    vector: −20…20 in steps of 2 (training factors {2, 4, …, 20}); LoRA and local weight: −2.5…2.5 in steps of
-    0.25 (training factors {0.2, …, 2.0}). All values are exact in bfloat16, so the multiplier is not rounded.
-    """
-    if form == "vector":
-        return [float(2 * k) for k in range(-10, 11)]
-    if form in ("lora", "local_weight"):
-        return [0.25 * k for k in range(-10, 11)]
-    raise ConfigError(f"form: {form!r} is not one of vector, lora, local_weight")
 
 
 @dataclass
@@ -154,8 +141,8 @@ class SweepConfig:
         if self.positions is not None:
             Positions.parse(self.positions)
         if self.grid is not None:
-            self.grid = _check_grid(self.grid, "sweep.grid")
-        self.grids = {name: _check_grid(values, f"sweep.grids.{name}") for name, values in self.grids.items()}
+            self.grid = check_multipliers(self.grid, "sweep.grid", sort=True)
+        self.grids = {name: check_multipliers(values, f"sweep.grids.{name}", sort=True) for name, values in self.grids.items()}
         if self.manifold_layers is not None:
             if not self.manifold_layers or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
                                                for v in self.manifold_layers):
@@ -166,20 +153,6 @@ class SweepConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "sweep") -> SweepConfig:
         return from_dict(cls, data, where=where)
-
-
-def _check_grid(values: Sequence[float], where: str) -> list[float]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ConfigError(f"{where}: expected a non-empty list of multipliers, got {values!r}")
-    out = []
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where}: multipliers must be finite numbers, got {value!r}")
-        out.append(float(value))
-    duplicated = sorted({v for v in out if out.count(v) > 1})
-    if duplicated:
-        raise ConfigError(f"{where}: duplicated multiplier(s) {duplicated}")
-    return sorted(out)
 
 
 def grid_for(name: str, update: Update, config: SweepConfig) -> list[float]:
@@ -531,7 +504,7 @@ def score_pairs(model: nn.Module, update: Update, encoded: Sequence[EncodedPair]
     m = 0 comes from the unsteered base pass; the other multipliers from batched steered passes of layers
     ≥ L over rows (example × multiplier) sharing each prompt's KV cache between the two polarities.
     """
-    grid = _check_grid(list(multipliers), "multipliers")
+    grid = check_multipliers(list(multipliers), sort=True)
     layer = update.layer
     results: dict[tuple[int, float], PairScore] = {}
     steering = _steering(model, update, positions)
@@ -761,15 +734,6 @@ def _with_manifold(scores: list[PairScore], examples: Sequence[int], result: _Pa
 
 def _scores_path(out: Path, update: str, split: str) -> Path:
     return out / SCORES_DIR / update / f"{split}.jsonl"
-
-
-def update_fingerprint(update: Update) -> str:
-    """sha256 of the update's spec and parameter values: the same name must mean the same update."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(update.spec), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(update.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _sweep_record(model: nn.Module, encoder: PairEncoder, updates: Mapping[str, Update],
@@ -1189,7 +1153,6 @@ __all__ = [
     "SweepFits",
     "SweepResult",
     "UpdateFit",
-    "default_grid",
     "fit_sweep",
     "grid_for",
     "load_sweep",
@@ -1199,5 +1162,4 @@ __all__ = [
     "run_sweep",
     "score_one_by_one",
     "score_pairs",
-    "update_fingerprint",
 ]

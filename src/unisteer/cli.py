@@ -449,9 +449,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .analysis import default_grid
     from .data import Rendering
     from .storage import load_update
+    from .updates import default_grid
     from .workflow import evaluate_choices, rendering_of
 
     _fields(args)  # a malformed --fields fails before the model loads

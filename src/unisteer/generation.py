@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -43,9 +42,10 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from .data import PairEncoder, collate_prompts
 from .errors import ConfigError, DataError, UnisteerError
+from .fingerprint import model_fingerprint, update_fingerprint
 from .hooks import Steering
 from .sampling import SamplingSettings, cut_at_stop, next_tokens, row_seed, stop_token_ids
-from .updates import Update
+from .updates import Update, check_multipliers
 
 GENERATION_FORMAT = "unisteer-generation"
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def generate_steered(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     inputs = _prompt_inputs(prompts)
-    multiplier_list = multiplier_grid(multipliers, update)
+    multiplier_list = check_multipliers(multipliers, with_update=update is not None)
     encoder = encoder or PairEncoder(tokenizer)
     update_name, update_id = (update.spec.name or update.spec.form, update_fingerprint(update)) if update else (None, None)
     run = {"model": model_fingerprint(model), "update_id": update_id, "settings": settings.key(),
@@ -184,26 +184,6 @@ def generate_unsteered(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
     path = Path(cache_dir) / "unsteered-generations" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
     return generate_steered(model, tokenizer, list(prompts), None, [0.0], settings, path, encoder=encoder,
                             progress=progress)
-
-
-def update_fingerprint(update: Update) -> str:
-    """A short hash of an update's spec and parameter values: two updates with one fingerprint act alike."""
-    digest = hashlib.sha256(json.dumps(asdict(update.spec), sort_keys=True, default=str).encode())
-    for name, param in sorted(update.named_parameters()):
-        digest.update(name.encode())
-        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module) -> dict[str, str]:
-    """Model id, config hash and a probe of the first and last weights (two checkpoints never collide)."""
-    from .models import config_hash, model_id
-
-    params = list(model.parameters())
-    digest = hashlib.sha256()
-    for tensor in (params[0], params[-1]):
-        digest.update(tensor.detach().reshape(-1)[:256].to("cpu", torch.float32).numpy().tobytes())
-    return {"model_id": model_id(model), "config_hash": config_hash(model), "weights_probe": digest.hexdigest()[:16]}
 
 
 def read_generations(path: str | Path) -> list[Generation]:
@@ -365,24 +345,6 @@ def _prompt_inputs(prompts: Sequence[str | PromptInput | Any]) -> list[PromptInp
     if not inputs:
         raise ConfigError("prompts: no prompts given")
     return inputs
-
-
-def multiplier_grid(multipliers: Sequence[float], update: Update | None) -> list[float]:
-    """Validated multipliers as floats: finite, distinct, non-empty, and only m = 0 without an update."""
-    if isinstance(multipliers, int | float):
-        multipliers = [multipliers]
-    values = []
-    for m in multipliers:
-        if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m):
-            raise ConfigError(f"multipliers: expected finite numbers, got {m!r}")
-        values.append(float(m))
-    if not values:
-        raise ConfigError("multipliers: no multipliers given")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"multipliers: duplicates in {values}")
-    if update is None and any(v != 0 for v in values):
-        raise ConfigError(f"multipliers {values}: without an update only m = 0 (the plain model) is meaningful")
-    return values
 
 
 def _read_store(path: Path) -> Iterator[tuple[int, Generation]]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .architecture import model_structure
 from .errors import UnisteerError
-from .updates import LocalWeightUpdate, LoRAUpdate, Positions, Update, VectorUpdate
+from .updates import Positions, Update, VectorUpdate
 
 
 @dataclass
@@ -56,7 +56,7 @@ def merge(model: nn.Module, update: Update, multiplier: float) -> MergedUpdate:
         original_bias=None if module.bias is None else module.bias.detach().clone(),
         had_bias=module.bias is not None,
     )
-    weight_delta, bias_delta = _deltas(update)
+    weight_delta, bias_delta = update.weight_delta(), update.bias_delta()
     with torch.no_grad():
         if weight_delta is not None:
             w = weight_delta.to(torch.float32) * multiplier
@@ -70,16 +70,6 @@ def merge(model: nn.Module, update: Update, multiplier: float) -> MergedUpdate:
             else:
                 module.bias.copy_((module.bias.to(torch.float32) + b).to(module.bias.dtype))
     return handle
-
-
-def _deltas(update: Update) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if isinstance(update, VectorUpdate):
-        return None, update.vector.detach()
-    if isinstance(update, LoRAUpdate):
-        return update.weight_delta().detach(), None
-    if isinstance(update, LocalWeightUpdate):
-        return update.weight.detach(), update.bias.detach()
-    raise UnisteerError(f"merge: unsupported update type {type(update).__name__}")
 
 
 _EQUIVALENCE_ATTR = "_unisteer_block_equals_down_proj"

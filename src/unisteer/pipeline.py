@@ -118,10 +118,11 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
     """Run every stage for every cell; returns the path of the run report (OUT/report.html)."""
-    from .analysis import SweepConfig, default_grid, fit_sweep, run_sweep
+    from .analysis import SweepConfig, fit_sweep, run_sweep
     from .data import PairEncoder
     from .models import load_model
     from .report import write_report, write_run_report
+    from .updates import default_grid
     from .workflow import (
         evaluate_choices,
         first_pairs,

@@ -28,29 +28,15 @@ decay without warm-up, clipping at 1.0.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from .config import from_dict
 from .errors import ConfigError
 from .objectives import OBJECTIVES
 from .training import TrainConfig
-from .updates import FORMS
+from .updates import FORMS, PRESET_KEYS, form_class
 
 PRESET_DATA = ("psychopathy", "power-seeking", "axbench")
-
-_ROW_KEYS = ("pairs", "batch_size", "grad_accum", "epochs", "lr", "lambda_p", "lambda_n", "gamma", "theta")
-_ROWS: dict[tuple[str, str], tuple[Any, ...]] = {
-    ("psychopathy", "local_weight"): ("add", 4, 2, 1, 0.01, 1.0, 0.5, 5.0, 0.4),
-    ("psychopathy", "lora"): ("add+sub", 4, 2, 1, 0.01, 1.0, 0.5, 5.0, 0.4),
-    ("psychopathy", "vector"): ("add+sub", 4, 1, 2, 0.08, 1.0, 0.5, 4.0, 0.3),
-    ("power-seeking", "local_weight"): ("add", 2, 2, 2, 0.01, 1.0, 0.5, 4.0, 0.4),
-    ("power-seeking", "lora"): ("add", 2, 2, 2, 0.01, 1.0, 0.5, 4.0, 0.4),
-    ("power-seeking", "vector"): ("add", 4, 1, 2, 0.08, 1.0, 0.5, 5.0, 0.5),
-    ("axbench", "local_weight"): ("add", 2, 2, 12, 0.04, 1.0, 0.3, 3.5, 0.6),
-    ("axbench", "lora"): ("add", 2, 2, 12, 0.04, 1.0, 0.5, 5.0, 0.45),
-    ("axbench", "vector"): ("add", 2, 1, 18, 0.08, 1.0, 0.6, 4.0, 0.5),
-}
 
 
 def reference_row(data: str, form: str) -> dict[str, Any]:
@@ -59,7 +45,7 @@ def reference_row(data: str, form: str) -> dict[str, Any]:
         raise ConfigError(f"preset data: {data!r} is not one of {PRESET_DATA}")
     if form not in FORMS:
         raise ConfigError(f"preset form: {form!r} is not one of {FORMS}")
-    return dict(zip(_ROW_KEYS, _ROWS[(data, form)], strict=True))
+    return dict(zip(PRESET_KEYS, form_class(form).presets[data], strict=True))
 
 
 def preset(objective: str, form: str, *, data: str = "psychopathy", **overrides: Any) -> TrainConfig:
@@ -75,9 +61,3 @@ def preset(objective: str, form: str, *, data: str = "psychopathy", **overrides:
         values.update(reps_scaler=1.0, reps_length="completion")
     values.update(overrides)
     return from_dict(TrainConfig, values, where=f"preset({objective!r}, {form!r}, data={data!r})").resolved()
-
-
-def list_presets() -> list[dict[str, Any]]:
-    """Every (data, objective, form) preset as a flat dict, for display."""
-    return [{"data": data, **dataclasses.asdict(preset(objective, form, data=data))}
-            for data in PRESET_DATA for objective in OBJECTIVES for form in FORMS]

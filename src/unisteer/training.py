@@ -68,16 +68,10 @@ from .objectives import (
 from .prefix import layers_from
 from .scoring import CompletionScores, completion_nll, completion_nll_from_hidden, final_hidden, stack_owner
 from .storage import save_update
-from .updates import FORMS, INSERTIONS, Positions, Update, create_update
+from .updates import FORMS, INSERTIONS, Positions, Update, create_update, form_class
 
 log = logging.getLogger(__name__)
 
-FORM_FACTORS: dict[str, tuple[float, ...]] = {
-    "vector": tuple(float(2 * i) for i in range(1, 11)),
-    "lora": tuple(round(0.2 * i, 1) for i in range(1, 11)),
-    "local_weight": tuple(round(0.2 * i, 1) for i in range(1, 11)),
-}
-FORM_LR = {"vector": 0.08, "lora": 0.01, "local_weight": 0.01}
 PAIR_MODES = ("add", "add+sub", "random")
 TRAIN_POSITIONS = ("after_prefix", "all")
 REPS_LENGTHS = ("completion", "sequence")
@@ -200,9 +194,9 @@ class TrainConfig:
         """A copy with the form defaults filled in (and the layer, when `num_layers` is given)."""
         values = dataclasses.asdict(self)
         if values["factors"] is None:
-            values["factors"] = FORM_FACTORS[self.form]
+            values["factors"] = form_class(self.form).train_factors
         if values["lr"] is None:
-            values["lr"] = FORM_LR[self.form]
+            values["lr"] = form_class(self.form).learning_rate
         if values["train_positions"] is None:
             values["train_positions"] = "after_prefix" if self.form == "vector" else "all"
         if values["eval_multiplier"] is None:

@@ -13,7 +13,6 @@ cast to the activations' dtype when applied, so a bf16 model trains fp32 updates
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +24,12 @@ from torch import nn
 from .architecture import check_layer_index, model_structure
 from .errors import ConfigError
 
-FORMS = ("vector", "lora", "local_weight")
 INSERTIONS = ("block_output", "down_proj")
+# Reference rows of SPEC §5 per data family: pairs, batch, accumulation, epochs, lr, λ_p, λ_n, γ, θ.
+PRESET_KEYS = ("pairs", "batch_size", "grad_accum", "epochs", "lr", "lambda_p", "lambda_n", "gamma", "theta")
+
+
+FORM_CLASSES: dict[str, type[Update]] = {}  # filled by each form's class definition (`Update.__init_subclass__`)
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,8 @@ class UpdateSpec:
         for name in ("form", "insertion", "component", "positions", "model_id", "config_hash", "polarity", "name"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name}: expected a string, got {getattr(self, name)!r}")
-        if self.form not in FORMS:
-            raise ConfigError(f"form: {self.form!r} is not one of {FORMS}")
+        if self.form not in FORM_CLASSES:
+            raise ConfigError(f"form: {self.form!r} is not one of {tuple(FORM_CLASSES)}")
         if self.insertion not in INSERTIONS:
             raise ConfigError(f"insertion: {self.insertion!r} is not one of {INSERTIONS}")
         _check_int("layer", self.layer, 0)
@@ -129,9 +132,25 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 class Update(nn.Module, abc.ABC):
-    """Base of the family. Subclasses define `delta(a)`; `apply` adds m·mask·Δh to h."""
+    """Base of the family. Subclasses define `delta(a)`; `apply` adds m·mask·Δh to h.
 
+    Everything the rest of unisteer needs to know about a form lives on its class (`FORM_CLASSES` registers
+    it by `form`): the multipliers a sweep covers by default, the training factor set and learning rate, the
+    reference presets (SPEC §5), and the weight/bias deltas that merging folds into the down-projection.
+    A new form is one subclass here.
+    """
+
+    form: str = ""
     needs_input: bool = True
+    default_grid: tuple[float, ...] = ()
+    train_factors: tuple[float, ...] = ()
+    learning_rate: float = 0.0
+    presets: dict[str, tuple[Any, ...]] = {}  # data family -> values of PRESET_KEYS
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.form:
+            FORM_CLASSES[cls.form] = cls
 
     def __init__(self, spec: UpdateSpec):
         super().__init__()
@@ -160,11 +179,27 @@ class Update(nn.Module, abc.ABC):
         s = self.spec
         return f"form={s.form}, layer={s.layer}, insertion={s.insertion}, positions={s.positions}"
 
+    def weight_delta(self) -> torch.Tensor | None:
+        """ΔW (out × in, fp32) that merging adds to the down-projection's weight; None for no weight change."""
+        return None
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """Δb that merging adds to the down-projection's bias; None for no bias change."""
+        return None
+
 
 class VectorUpdate(Update):
     """Activation steering: Δh = m·v (ignores `a`)."""
 
+    form = "vector"
     needs_input = False
+    # 21 multipliers, both signs and 0, spanning the training factors {2, …, 20} with margin; bf16-exact.
+    default_grid = tuple(float(2 * k) for k in range(-10, 11))
+    train_factors = tuple(float(2 * i) for i in range(1, 11))
+    learning_rate = 0.08
+    presets = {"psychopathy": ("add+sub", 4, 1, 2, 0.08, 1.0, 0.5, 4.0, 0.3),
+               "power-seeking": ("add", 4, 1, 2, 0.08, 1.0, 0.5, 5.0, 0.5),
+               "axbench": ("add", 2, 1, 18, 0.08, 1.0, 0.6, 4.0, 0.5)}
 
     def __init__(self, spec: UpdateSpec):
         super().__init__(spec)
@@ -175,9 +210,21 @@ class VectorUpdate(Update):
         v = F.dropout(self.vector, self.spec.dropout, self.training)
         return v.to(like.dtype)
 
+    def bias_delta(self) -> torch.Tensor:
+        return self.vector.detach()
+
 
 class LoRAUpdate(Update):
     """Low-rank weight update: Δh = m·B·A·a, A Kaiming-uniform(a=√5), B = 0."""
+
+    form = "lora"
+    # −2.5…2.5 in steps of 0.25, spanning the training factors {0.2, …, 2.0}; bf16-exact.
+    default_grid = tuple(0.25 * k for k in range(-10, 11))
+    train_factors = tuple(round(0.2 * i, 1) for i in range(1, 11))
+    learning_rate = 0.01
+    presets = {"psychopathy": ("add+sub", 4, 2, 1, 0.01, 1.0, 0.5, 5.0, 0.4),
+               "power-seeking": ("add", 2, 2, 2, 0.01, 1.0, 0.5, 4.0, 0.4),
+               "axbench": ("add", 2, 2, 12, 0.04, 1.0, 0.5, 5.0, 0.45)}
 
     def __init__(self, spec: UpdateSpec):
         super().__init__(spec)
@@ -190,11 +237,19 @@ class LoRAUpdate(Update):
         return F.dropout(out, self.spec.dropout, self.training).to(like.dtype)
 
     def weight_delta(self) -> torch.Tensor:
-        return self.lora_B @ self.lora_A
+        return (self.lora_B @ self.lora_A).detach()
 
 
 class LocalWeightUpdate(Update):
     """One-layer fine-tuning of the down-projection: Δh = m·(ΔW·a + Δb), both zero-initialised."""
+
+    form = "local_weight"
+    default_grid = LoRAUpdate.default_grid
+    train_factors = LoRAUpdate.train_factors
+    learning_rate = 0.01
+    presets = {"psychopathy": ("add", 4, 2, 1, 0.01, 1.0, 0.5, 5.0, 0.4),
+               "power-seeking": ("add", 2, 2, 2, 0.01, 1.0, 0.5, 4.0, 0.4),
+               "axbench": ("add", 2, 2, 12, 0.04, 1.0, 0.3, 3.5, 0.6)}
 
     def __init__(self, spec: UpdateSpec):
         super().__init__(spec)
@@ -206,14 +261,44 @@ class LocalWeightUpdate(Update):
         return F.dropout(out, self.spec.dropout, self.training).to(like.dtype)
 
     def weight_delta(self) -> torch.Tensor:
-        return self.weight
+        return self.weight.detach()
+
+    def bias_delta(self) -> torch.Tensor:
+        return self.bias.detach()
 
 
-FORM_CLASSES: dict[str, type[Update]] = {
-    "vector": VectorUpdate,
-    "lora": LoRAUpdate,
-    "local_weight": LocalWeightUpdate,
-}
+FORMS: tuple[str, ...] = tuple(FORM_CLASSES)
+
+
+def form_class(form: str) -> type[Update]:
+    if form not in FORM_CLASSES:
+        raise ConfigError(f"form: {form!r} is not one of {tuple(FORM_CLASSES)}")
+    return FORM_CLASSES[form]
+
+
+def default_grid(form: str) -> list[float]:
+    """The multipliers swept and evaluated for a form by default (see each form's `default_grid`)."""
+    return list(form_class(form).default_grid)
+
+
+def check_multipliers(values: Any, where: str = "multipliers", *, with_update: bool = True,
+                      sort: bool = False) -> list[float]:
+    """Multipliers as floats: a non-empty list of finite, distinct numbers (only m = 0 without an update)."""
+    if isinstance(values, int | float) and not isinstance(values, bool):
+        values = [values]
+    if isinstance(values, str | bytes) or not isinstance(values, list | tuple) or not values:
+        raise ConfigError(f"{where}: expected a non-empty list of multipliers, got {values!r}")
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{where}: multipliers must be finite numbers, got {value!r}")
+        out.append(float(value))
+    duplicated = sorted({v for v in out if out.count(v) > 1})
+    if duplicated:
+        raise ConfigError(f"{where}: duplicated multiplier(s) {duplicated}")
+    if not with_update and any(v != 0 for v in out):
+        raise ConfigError(f"{where} {out}: without an update only m = 0 (the plain model) is meaningful")
+    return sorted(out) if sort else out
 
 
 def create_update(
@@ -259,5 +344,3 @@ def update_from_spec(spec: UpdateSpec, seed: int | None = None) -> Update:
         return FORM_CLASSES[spec.form](spec)
 
 
-def spec_to_dict(spec: UpdateSpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)

@@ -490,7 +490,7 @@ def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Seq
     default grid — the score multiplier selection uses. Results go to `out_dir/layers.json` as they come; a
     rerun with the same settings skips what is done (and reuses the updates in `out_dir/<stage>-layer-K/`).
     """
-    from .analysis import default_grid
+    from .updates import default_grid
 
     if objective not in SCAN_GRIDS:
         raise ConfigError(f"scan objective: {objective!r} is not one of {sorted(SCAN_GRIDS)}")
