@@ -38,7 +38,6 @@ refused rather than mixed in):
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
@@ -46,7 +45,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +65,10 @@ from .data import (
     PairEncoder,
     TokenBatch,
     collate_completions,
+    common_prefix_length,
 )
 from .errors import ConfigError, DataError, UnisteerError
+from .files import read_json, write_csv, write_json
 from .fingerprint import update_fingerprint
 from .fitting import DecayFit, FitError, fit_preference, fit_utility, score
 from .hf_compat import cache_kwargs, fill_layers, new_cache
@@ -76,7 +77,7 @@ from .logodds import VARIANTS, AggregatedCurve, aggregate_per_multiplier, comput
 from .manifold import METRICS, ManifoldReference, build_reference, correlate
 from .prefix import layers_from
 from .scoring import completion_nll, completion_nll_from_hidden, stack_owner
-from .updates import Positions, Update, check_multipliers, default_grid
+from .updates import Positions, Update, check_multipliers, default_grid, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -387,20 +388,6 @@ def _paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steerin
     return _PassResult(scores.nll_sum.cpu(), scores.n_tokens.cpu(), inputs, points)
 
 
-def _shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Longest common token prefix, leaving at least one token of every prompt to the suffix."""
-    first = prompts[0]
-    length = min(len(p) for p in prompts) - 1
-    for prompt in prompts[1:]:
-        same = 0
-        for a, b in zip(first[:length], prompt, strict=False):
-            if a != b:
-                break
-            same += 1
-        length = same
-    return max(0, length)
-
-
 def sliding_window(model: nn.Module) -> int | None:
     """The attention window of a model with sliding-window layers (None: full attention everywhere)."""
     config = text_config(model.config)
@@ -419,7 +406,7 @@ def _make_chunk(encoded: Sequence[EncodedPair], examples: Sequence[int], pad_tok
     if any(not pair.prompt_ids for pair in pairs):
         raise DataError("a rendered prompt has no tokens; the first completion token needs a prompt token to "
                         "predict it (use a chat template or a plain_format with text)")
-    width = _shared_prefix_length([pair.prompt_ids for pair in pairs])
+    width = common_prefix_length([pair.prompt_ids for pair in pairs])
     padded = max(len(p.prompt_ids) for p in pairs) + max(max(len(p.positive_ids), len(p.negative_ids)) for p in pairs)
     side: PaddingSide = "right"
     if window is not None and padded > window:
@@ -474,19 +461,6 @@ def _length_sorted_chunks(encoded: Sequence[EncodedPair], size: int) -> list[lis
     return [sorted(order[start:start + size]) for start in range(0, len(order), size)]
 
 
-@contextlib.contextmanager
-def _evaluation_mode(model: nn.Module, updates: Sequence[Update]) -> Iterator[None]:
-    """Dropout off for the model and every update while scoring; previous modes restored afterwards."""
-    modes = [(module, module.training) for module in (model, *updates)]
-    for module, _ in modes:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.train(training)
-
-
 def _steering(model: nn.Module, update: Update, positions: str | None) -> Steering:
     device = next(model.parameters()).device
     for name, parameter in update.named_parameters():
@@ -508,7 +482,7 @@ def score_pairs(model: nn.Module, update: Update, encoded: Sequence[EncodedPair]
     layer = update.layer
     results: dict[tuple[int, float], PairScore] = {}
     steering = _steering(model, update, positions)
-    with _evaluation_mode(model, [update]):
+    with eval_mode(model, update):
         for examples in _length_sorted_chunks(encoded, chunk_examples):
             chunk = _make_chunk(encoded, examples, pad_token_id, sliding_window(model))
             base = _paired_pass(model, _base_rows(chunk), input_layers=[layer])
@@ -537,7 +511,7 @@ def score_one_by_one(model: nn.Module, update: Update, encoded: Sequence[Encoded
     """The straightforward path: one full forward per example, polarity and multiplier (benchmark reference)."""
     device = next(model.parameters()).device
     out = []
-    with _evaluation_mode(model, [update]):
+    with eval_mode(model, update):
         for m in multipliers:
             with Steering(model, update, multiplier=float(m), positions=positions) as steering:
                 for index, pair in enumerate(encoded):
@@ -616,7 +590,7 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
     base_seconds = steered_seconds = 0.0
     references: dict[str, dict[int, dict[str, Any]]] = info.get("manifold_reference", {})
     progress = tqdm(total=total, unit="row", desc="sweep", disable=not config.progress)
-    with _evaluation_mode(model, list(updates.values())), progress:
+    with eval_mode(model, *updates.values()), progress:
         for split, pairs in encoded.items():
             if not any(todo[(u, split)] for u in updates):
                 continue
@@ -627,8 +601,8 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
                 # must already be on disk.
                 references[split] = {layer: ref.describe() for layer, ref in reference.items()}
                 info["manifold_reference"] = references
-                _write_json(out / SWEEP_FILE, info)
-                _write_json(out / REFERENCE_FILE, references)
+                write_json(out / SWEEP_FILE, info)
+                write_json(out / REFERENCE_FILE, references)
             base_seconds += time.perf_counter() - tick
             for name, update in updates.items():
                 measured = [layer for layer in layers if layer >= update.layer]
@@ -648,8 +622,8 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
                     progress.update(len(rows))
     if references:
         info["manifold_reference"] = references
-        _write_json(out / SWEEP_FILE, info)
-        _write_json(out / REFERENCE_FILE, references)
+        write_json(out / SWEEP_FILE, info)
+        write_json(out / REFERENCE_FILE, references)
     return SweepResult(out, list(updates), list(splits), total, reused, time.perf_counter() - started,
                        base_seconds, steered_seconds)
 
@@ -770,7 +744,7 @@ def _merge_sweep_file(out: Path, record: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{out}: the folder is not empty and holds no {SWEEP_FILE}; choose a new or empty "
                               "folder for the sweep")
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(path, record)
+        write_json(path, record)
         return record
     old = read_sweep_info(out)
     problems = []
@@ -800,7 +774,7 @@ def _merge_sweep_file(out: Path, record: dict[str, Any]) -> dict[str, Any]:
                        for name, grid in {**old["grids"], **record["grids"]}.items()}
     merged["config"] = record["config"]
     merged["settings"] = {**old.get("settings", {}), **record["settings"]}
-    _write_json(path, merged)
+    write_json(path, merged)
     return merged
 
 
@@ -808,19 +782,10 @@ def read_sweep_info(out_dir: str | Path) -> dict[str, Any]:
     path = Path(out_dir) / SWEEP_FILE
     if not path.is_file():
         raise DataError(f"{path}: no sweep here (run a sweep into this folder first)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
+    info = read_json(path, what="sweep file")
     if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
         raise DataError(f"{path}: not a sweep file of format {FORMAT_VERSION}")
     return info
-
-
-def _write_json(path: Path, data: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=False, allow_nan=False), encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _append_rows(path: Path, rows: Sequence[PairScore]) -> None:
@@ -1073,17 +1038,17 @@ def _write_fit_files(result: SweepFits) -> dict[str, Path]:
                 row += [float(odds.pref[i]), float(odds.util[i]), bool(odds.clamped[i])]
             row += [_csv_value(data.manifold[key][i]) if key in data.manifold else "" for key in manifold_keys]
             table.append(row)
-    _write_csv(files["per_example.csv"], header, table)
+    write_csv(files["per_example.csv"], header, table)
 
     header = ["update", "split", "variant", "quantity", "m", "mean", "sem", "ci_low", "ci_high", "n", "n_clamped"]
     table = []
     for (update, split, variant), pair in result.curves.items():
         for quantity in ("preference", "utility"):
             table += _curve_rows([update, split, variant, quantity], getattr(pair, quantity))
-    _write_csv(files["curves.csv"], header, table)
+    write_csv(files["curves.csv"], header, table)
 
     fits_json = {f"{update}/{variant}": fit.to_dict() for (update, variant), fit in result.fits.items()}
-    _write_json(files["fits.json"], fits_json)
+    write_json(files["fits.json"], fits_json)
     header = ["update", "variant", "quantity", "fit_split", "r2_fit_split", "r2_other_splits", "poor_fit",
               "breakdown_negative", "breakdown_positive", "linear_region", "params", "warnings", "error"]
     table = []
@@ -1100,16 +1065,16 @@ def _write_fit_files(result: SweepFits) -> dict[str, Path]:
                           decay.poor_fit, decay.breakdown_negative, decay.breakdown_positive,
                           json.dumps([regions.linear_negative, regions.linear_positive]), json.dumps(decay.params),
                           "; ".join(decay.warnings), ""])
-    _write_csv(files["fits.csv"], header, table)
+    write_csv(files["fits.csv"], header, table)
 
     header = ["update", "split", "layer", "metric", "m", "mean", "sem", "ci_low", "ci_high", "n", "n_clamped"]
     table = []
     for (update, split, layer, metric), curve in result.manifold.items():
         table += _curve_rows([update, split, layer, metric], curve)
-    _write_csv(files["manifold.csv"], header, table)
+    write_csv(files["manifold.csv"], header, table)
     header = ["update", "split", "layer", "metric", "variant", "m_min", "m_max", "n_points", "pearson_r",
               "pearson_p", "spearman_rho", "spearman_p", "note"]
-    _write_csv(files["manifold_correlations.csv"], header,
+    write_csv(files["manifold_correlations.csv"], header,
                [[_csv_value(c[k]) for k in header] for c in result.correlations])
 
     summary = {
@@ -1120,7 +1085,7 @@ def _write_fit_files(result: SweepFits) -> dict[str, Path]:
         "manifold": {f"{u}/{s}/{layer}/{metric}": c.to_dict() for (u, s, layer, metric), c in result.manifold.items()},
         "manifold_correlations": result.correlations,
     }
-    _write_json(files["summary.json"], summary)
+    write_json(files["summary.json"], summary)
     return files
 
 
@@ -1135,15 +1100,6 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
         return ""
     return value
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 __all__ = [

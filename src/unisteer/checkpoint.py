@@ -9,8 +9,6 @@ Older `checkpoint.pt` files were pickles, which run code when loaded; they are r
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UnisteerError
-from .files import partial_path, temporary_folder_beside
+from .files import read_json, write_json, writing_folder
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -27,15 +25,10 @@ LEGACY_PICKLE = "checkpoint.pt"
 
 
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    tmp = temporary_folder_beside(folder)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
-              metadata={"format": "unisteer-checkpoint"})
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
-    old = partial_path(folder)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with writing_folder(folder, replace=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
+                  metadata={"format": "unisteer-checkpoint"})
+        write_json(tmp / STATE, state, indent=1)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -45,9 +38,9 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
                             "loaded, so it is not read. Start the run over (--overwrite)")
     try:
         tensors = load_file(str(folder / TENSORS))
-        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    except (OSError, SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, SafetensorError) as exc:
         raise UnisteerError(f"{folder}: cannot read the checkpoint ({exc})") from exc
+    state = read_json(folder / STATE, what="checkpoint state")
     if not isinstance(state, dict):
         raise UnisteerError(f"{folder / STATE}: expected a JSON object")
     return tensors, state

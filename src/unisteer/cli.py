@@ -484,7 +484,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  f"vs m = 0 ({'steers' if change['separated'] else 'not separated from m = 0'})") if change else ""
         print(f"{word}: m = {chosen['multiplier']:g} chosen on dev; test {_score_line(chosen)}{delta}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        from .files import write_json
+
+        write_json(args.out, result.to_dict())
     return 0
 
 

@@ -924,6 +924,23 @@ class TokenBatch:
                 "position_ids": self.position_ids}
 
 
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each after them (the part that
+    can be computed once and shared as a KV cache)."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    length = min(len(s) for s in sequences) - 1
+    for other in sequences[1:]:
+        same = 0
+        for a, b in zip(first[:length], other, strict=False):
+            if a != b:
+                break
+            same += 1
+        length = same
+    return max(0, length)
+
+
 def collate_pairs(encoded: Sequence[EncodedPair], side: Side, *, pad_token_id: int,
                   padding_side: PaddingSide = "right") -> TokenBatch:
     """`prompt + completion` sequences of one side; labels mask the prompt and the padding."""
@@ -1024,6 +1041,7 @@ __all__ = [
     "FIELD_PRESETS", "IGNORE_INDEX", "READ_FORMATS", "RENDERINGS", "DataWarning", "DatasetSplits", "EncodedPair",
     "FieldMap", "PairDataset", "PairEncoder", "PolarityPair", "Rendering", "SourceRecord", "SplitSpec", "TokenBatch",
     "answer_meta",
-    "collate_completions", "collate_pairs", "collate_prompts", "read_pairs", "read_source_records",
+    "collate_completions",
+    "common_prefix_length", "collate_pairs", "collate_prompts", "read_pairs", "read_source_records",
     "resolve_fields",
 ]

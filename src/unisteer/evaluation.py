@@ -57,12 +57,12 @@ from tqdm.auto import tqdm
 
 from .data import EncodedPair, PairEncoder, PolarityPair, answer_meta, collate_pairs, collate_prompts
 from .errors import ConfigError, DataError, UnisteerError
-from .generation import Generation, eval_mode, generate_steered
+from .generation import Generation, generate_steered
 from .hooks import Steering
 from .prefix import capture_layer_input, run_from_layer
 from .sampling import SamplingSettings
 from .scoring import completion_nll_from_hidden, final_hidden, logits_for_rows
-from .updates import Update, check_multipliers
+from .updates import Update, check_multipliers, eval_mode
 
 DEFAULT_SPELLINGS = ("{}", " {}")
 LOWER_IS_BETTER = frozenset({"perplexity", "mean_token_nll", "mean_example_nll"})

@@ -1,16 +1,25 @@
-"""Writing files so that a reader never sees half of one, and nothing the user saved is replaced unasked.
+"""Writing files so that a reader never sees half of one, and reading them back with errors that name them.
 
 Every write goes to a temporary name beside the target (`.NAME.partial`, or a `.NAME-*` folder) and is
-renamed into place when complete: an interrupted run leaves either the old file or the new one.
+renamed into place when complete: an interrupted run leaves either the old file or the new one. JSON is
+always valid JSON: non-finite floats are written as null (never as the non-standard NaN).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import UnisteerError
 
 
 def partial_path(path: Path) -> Path:
@@ -28,13 +37,53 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
-    return write_text(path, json.dumps(data, indent=indent, default=str))
+    return write_text(path, json.dumps(_finite(data), indent=indent, default=str, allow_nan=False))
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+@contextmanager
+def writing_file(path: Path, mode: str = "wb") -> Iterator[Any]:
+    """An open file handle whose contents appear at `path` only if the block completes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+
+
+@contextmanager
+def writing_folder(path: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `path`, renamed onto it if the block completes (replacing an existing
+    folder only when `replace`); removed if it does not."""
+    tmp = temporary_folder_beside(path)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = partial_path(path)
+    if path.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UnisteerError(f"{path} already exists; pass overwrite=True to replace it")
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: str | Path, *, what: str = "file") -> Any:
-    """JSON from `path`, or a `UnisteerError` naming the file and what is wrong with it."""
-    from .errors import UnisteerError
-
+    """JSON from `path`, or a `UnisteerError` naming the file, the line and what is wrong with it."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -43,7 +92,21 @@ def read_json(path: str | Path, *, what: str = "file") -> Any:
     except UnicodeDecodeError as exc:
         raise UnisteerError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
-        raise UnisteerError(f"{path}: invalid JSON ({exc})") from exc
+        raise UnisteerError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+
+
+def read_yaml(path: str | Path, *, what: str = "file") -> Any:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnisteerError(f"{path}: no such {what}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UnisteerError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        raise UnisteerError(f"{path}: invalid YAML ({exc})") from exc
 
 
 def temporary_folder_beside(path: Path) -> Path:
@@ -59,3 +122,15 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:
+        return _finite(value.item())  # numpy / torch scalars
+    return value

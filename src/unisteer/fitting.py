@@ -51,6 +51,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.optimize import minimize
 
+from .arrays import as_vector
 from .errors import UnisteerError
 
 Kind = Literal["preference", "utility"]
@@ -442,7 +443,7 @@ def _noise_note(y: np.ndarray, sem: Any, notes: list[str]) -> bool:
     """Whether the points vary less than their noise; appends the reason to `notes`."""
     if sem is None:
         return False
-    errors = _as_vector(sem, "sem")
+    errors = as_vector(sem, "sem", FitError)
     if errors.size != y.size:
         raise FitError(f"sem must have one value per point, got {errors.size} for {y.size}")
     if not np.all(np.isfinite(errors)) or np.any(errors < 0):
@@ -457,8 +458,8 @@ def _noise_note(y: np.ndarray, sem: Any, notes: list[str]) -> bool:
 
 
 def _validated_points(m: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    m_arr = _as_vector(m, "m")
-    y_arr = _as_vector(y, "y")
+    m_arr = as_vector(m, "m", FitError)
+    y_arr = as_vector(y, "y", FitError)
     if m_arr.size != y_arr.size:
         raise FitError(f"m and y must have the same length, got {m_arr.size} and {y_arr.size}")
     for name, arr in (("m", m_arr), ("y", y_arr)):
@@ -466,18 +467,6 @@ def _validated_points(m: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         if bad.size:
             raise FitError(f"{name} is NaN or infinite at index(es) {bad[:10].tolist()}")
     return m_arr, y_arr
-
-
-def _as_vector(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
-        x = x.detach().cpu().double().numpy()
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise FitError(f"{name} must be numeric: {exc}") from exc
-    if arr.ndim != 1:
-        raise FitError(f"{name} must be 1-D, got shape {arr.shape}")
-    return arr
 
 
 def _input_warnings(m: np.ndarray, n_params: int) -> list[str]:

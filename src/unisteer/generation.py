@@ -45,7 +45,7 @@ from .errors import ConfigError, DataError, UnisteerError
 from .fingerprint import model_fingerprint, update_fingerprint
 from .hooks import Steering
 from .sampling import SamplingSettings, cut_at_stop, next_tokens, row_seed, stop_token_ids
-from .updates import Update, check_multipliers
+from .updates import Update, check_multipliers, eval_mode
 
 GENERATION_FORMAT = "unisteer-generation"
 log = logging.getLogger(__name__)
@@ -308,17 +308,6 @@ def _steering(model: nn.Module, update: Update | None, multipliers: Sequence[flo
     with eval_mode(update), Steering(model, update, multiplier=torch.tensor(multipliers, dtype=torch.float32,
                                                                            device=device)):
         yield
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Dropout off while evaluating, the module's own mode restored afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _settings(value: SamplingSettings | dict[str, Any] | None) -> SamplingSettings:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .arrays import as_vector
 from .errors import UnisteerError
 
 Variant = Literal["sum", "mean"]
@@ -150,8 +151,8 @@ def compute_log_odds(
         raise LogOddsError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
         raise LogOddsError(f"eps must be a number in (0, 1), got {eps!r}")
-    nll_p = _as_vector(L_p, "L_p")
-    nll_n = _as_vector(L_n, "L_n")
+    nll_p = as_vector(L_p, "L_p", LogOddsError, scalar_ok=True)
+    nll_n = as_vector(L_n, "L_n", LogOddsError, scalar_ok=True)
     if nll_p.shape != nll_n.shape:
         raise LogOddsError(f"L_p and L_n must have the same length, got {nll_p.size} and {nll_n.size}")
     _require_finite(nll_p, "L_p")
@@ -204,7 +205,7 @@ def aggregate(
     The bootstrap draws ``n_boot`` resamples with ``numpy.random.default_rng(seed)``, so equal inputs and
     seed give equal intervals. ``clamped`` (a boolean mask, e.g. ``LogOdds.clamped``) is only counted.
     """
-    data = _as_vector(values, "values")
+    data = as_vector(values, "values", LogOddsError, scalar_ok=True)
     if data.size == 0:
         raise LogOddsError("cannot aggregate an empty set of values")
     _require_finite(data, "values")
@@ -242,8 +243,8 @@ def aggregate_per_multiplier(
 
     Every group uses the same ``seed``, so a group's interval does not depend on which other m were swept.
     """
-    m = _as_vector(multipliers, "multipliers")
-    data = _as_vector(values, "values")
+    m = as_vector(multipliers, "multipliers", LogOddsError, scalar_ok=True)
+    data = as_vector(values, "values", LogOddsError, scalar_ok=True)
     if m.size != data.size:
         raise LogOddsError(f"multipliers has {m.size} entries but values has {data.size}")
     _require_finite(m, "multipliers")
@@ -284,8 +285,8 @@ def paired_change(
     moved this quantity at m" is read from whether this interval excludes 0 — not from overlapping
     per-m intervals or from curve endpoints. Examples without a value at `reference` are left out.
     """
-    m = _as_vector(multipliers, "multipliers")
-    data = _as_vector(values, "values")
+    m = as_vector(multipliers, "multipliers", LogOddsError, scalar_ok=True)
+    data = as_vector(values, "values", LogOddsError, scalar_ok=True)
     ids = np.asarray(examples).reshape(-1)
     if not (m.size == data.size == ids.size):
         raise LogOddsError(f"multipliers, examples and values differ in length ({m.size}, {ids.size}, {data.size})")
@@ -315,22 +316,8 @@ def _bootstrap_means(data: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return means
 
 
-def _as_vector(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
-        x = x.detach().cpu().double().numpy()
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise LogOddsError(f"{name} must be numeric, got {type(x).__name__}: {exc}") from exc
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.ndim != 1:
-        raise LogOddsError(f"{name} must be 1-D (one entry per example), got shape {arr.shape}")
-    return arr
-
-
 def _token_counts(t: Any, name: str, size: int) -> np.ndarray:
-    counts = _as_vector(t, name)
+    counts = as_vector(t, name, LogOddsError, scalar_ok=True)
     if counts.size == 1:
         counts = np.full(size, counts[0])
     if counts.size != size:

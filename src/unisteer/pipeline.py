@@ -12,15 +12,13 @@ The split, the layer and the rendering are decided once per run (`workflow`) and
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import from_dict
 from .errors import ConfigError, UnisteerError
+from .files import read_json, read_yaml, write_json, write_text
 from .updates import FORMS
 
 OBJECTIVES = ("diffmean", "split", "sft", "reps", "dpo")
@@ -101,12 +99,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     from .training import TrainConfig
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+    raw = read_yaml(path, what="config file")
     config = from_dict(RunConfig, raw or {}, where=str(path))
     from_dict(SweepConfig, config.sweep, where=f"{path}: sweep")
     for cell in config.cells:
@@ -135,12 +128,12 @@ def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     sweep_config = from_dict(SweepConfig, {**config.sweep, "progress": progress}, where="sweep")
-    _write_json(out / "config.json", asdict(config))
+    write_json(out / "config.json", asdict(config))
     model, tokenizer = load_model(config.model, dtype=config.dtype)
     layer = resolve_layer(model, config.layer)
     data = load_data(config.data, data_dir=config.data_dir, fields=config.fields, split=config.split, model=model,
                      tokenizer=tokenizer, cache_dir=out / "cache")
-    _write_json(out / "data.json", data.record())
+    write_json(out / "data.json", data.record())
     rendering = _run_rendering(out, model, tokenizer, config, data, resolve_rendering)
 
     updates, timings = {}, {}
@@ -168,11 +161,11 @@ def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
                 result = evaluate_choices(model, tokenizer, data, update, grids.get(name, [0.0]),
                                           rendering=rendering, max_pairs=config.evaluate.max_pairs,
                                           progress=progress)
-                _write_json(path, result.to_dict())
-            evaluations[name] = json.loads(path.read_text())
+                write_json(path, result.to_dict())
+            evaluations[name] = read_json(path)
     summary = _summary(config, dtype, layer, timings, fits, evaluations, sweep_config.variant)
-    _write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(_summary_markdown(summary))
+    write_json(out / "summary.json", summary)
+    write_text(out / "summary.md", _summary_markdown(summary))
     return write_run_report(out, summary, fits, sweep_report=sweep_report)
 
 
@@ -182,11 +175,11 @@ def _run_rendering(out: Path, model, tokenizer, config: RunConfig, data, resolve
 
     path = out / "rendering.json"
     if path.exists():
-        record = json.loads(path.read_text())
+        record = read_json(path)
         if record.get("requested") == config.rendering:
             return Rendering.parse({k: v for k, v in record["rendering"].items()})
     rendering, record = resolve_rendering(model, tokenizer, config.rendering, data.splits.train)
-    _write_json(path, {"requested": config.rendering, **record})
+    write_json(path, {"requested": config.rendering, **record})
     return rendering
 
 
@@ -202,7 +195,7 @@ def _summary(config: RunConfig, dtype: str, layer: int, timings, fits, evaluatio
                      "utility_m0": _utility_at(fits, next(iter(fits.updates), None), 0.0, variant)})
     for cell in config.cells:
         row: dict[str, Any] = {"cell": cell.name, "form": cell.form, "objective": cell.objective,
-                               "train_seconds": round(timings[cell.name], 1)}
+                               "train_seconds": None if timings[cell.name] is None else round(timings[cell.name], 1)}
         evaluation = evaluations.get(cell.name)
         if evaluation is not None:
             for side in ("toward", "away"):
@@ -307,12 +300,6 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    from .workflow import write_json
-
-    write_json(path, data)
 
 
 __all__ = ["CellConfig", "EvaluationConfig", "RunConfig", "UnisteerError", "load_run_config", "run_pipeline"]

@@ -37,6 +37,32 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
+@contextmanager
+def recording(module: nn.Module, capture: str = "output", *, stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, `record["value"]` holds `module`'s latest first input or first output; with `stop`, the
+    forward pass ends there (by an exception `run_until` catches)."""
+    if capture not in ("input", "output"):
+        raise ValueError(f"capture: expected 'input' or 'output', got {capture!r}")
+    record: dict[str, torch.Tensor] = {}
+
+    def on_input(mod, args, kwargs):
+        record["value"] = args[0] if args else kwargs["hidden_states"]
+        if stop:
+            raise _StopForward
+
+    def on_output(mod, args, output):
+        record["value"] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _StopForward
+
+    handle = (module.register_forward_pre_hook(on_input, with_kwargs=True) if capture == "input"
+              else module.register_forward_hook(on_output))
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def run_until(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
               attention_mask: torch.Tensor | None = None, *, capture: str = "output") -> torch.Tensor:
@@ -44,29 +70,14 @@ def run_until(model: nn.Module, module: nn.Module, input_ids: torch.Tensor,
 
     Nothing after `module` runs: the forward pass is stopped by an exception from the hook.
     """
-    if capture not in ("input", "output"):
-        raise ValueError(f"capture: expected 'input' or 'output', got {capture!r}")
-    captured: dict[str, torch.Tensor] = {}
-
-    def on_input(mod, args, kwargs):
-        captured["value"] = args[0] if args else kwargs["hidden_states"]
-        raise _StopForward
-
-    def on_output(mod, args, output):
-        captured["value"] = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
-
-    handle = (module.register_forward_pre_hook(on_input, with_kwargs=True) if capture == "input"
-              else module.register_forward_hook(on_output))
-    try:
-        final_hidden(model, input_ids, attention_mask)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "value" not in captured:
+    with recording(module, capture, stop=True) as record:
+        try:
+            final_hidden(model, input_ids, attention_mask)
+        except _StopForward:
+            pass
+    if "value" not in record:
         raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
-    return captured["value"]
+    return record["value"]
 
 
 def capture_layer_input(model: nn.Module, layer: int, input_ids: torch.Tensor,

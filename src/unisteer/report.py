@@ -28,6 +28,7 @@ import numpy as np
 
 from .analysis import SweepFits, UpdateFit, fit_sweep
 from .errors import ConfigError
+from .files import read_json, write_text
 from .fitting import DecayFit
 from .logodds import VARIANTS, AggregatedCurve
 from .manifold import METRICS
@@ -65,8 +66,8 @@ def write_report(out_dir: str | Path, *, fits: SweepFits | None = None, variant:
     plots = make_plots(fits, variant, out / "plots")
     blocks = _document(fits, variant, plots)
     html_path = out / "report.html"
-    html_path.write_text(_render_html(title, blocks, out), encoding="utf-8")
-    (out / "report.md").write_text(_render_markdown(title, blocks, out), encoding="utf-8")
+    write_text(html_path, _render_html(title, blocks, out))
+    write_text(out / "report.md", _render_markdown(title, blocks, out))
     return html_path
 
 
@@ -542,8 +543,8 @@ def write_run_report(out_dir: str | Path, summary: dict[str, Any], fits: SweepFi
                                   f"{sweep_report.relative_to(out).as_posix()}"))
     title = f"unisteer run — {summary['data']}, {summary['model']}, layer {summary['layer']}"
     html_path = out / "report.html"
-    html_path.write_text(_render_html(title, blocks, out), encoding="utf-8")
-    (out / "report.md").write_text(_render_markdown(title, blocks, out), encoding="utf-8")
+    write_text(html_path, _render_html(title, blocks, out))
+    write_text(out / "report.md", _render_markdown(title, blocks, out))
     return html_path
 
 
@@ -650,15 +651,13 @@ def headline(summary: dict[str, Any]) -> list[str]:
 
 
 def _run_tradeoff_plot(out: Path, summary: dict[str, Any], fits: SweepFits) -> tuple[str, Path] | None:
-    import json as _json
-
     curves, highlight = [], {}
     for row in summary["rows"]:
         pair = fits.curves.get((row["cell"], "test", summary.get("variant", "sum")))
         path = out / "eval" / f"{row['cell']}.json"
         if row["cell"] == "vanilla" or pair is None or not path.exists():
             continue
-        evaluation = _json.loads(path.read_text())
+        evaluation = read_json(path)
         utility = dict(zip(pair.utility.m.tolist(), pair.utility.mean.tolist(), strict=True))
         points = [(r["multiplier"], r.get("balanced_accuracy"), utility.get(r["multiplier"]))
                   for r in evaluation["test_rows"]]
@@ -682,13 +681,11 @@ def _run_tradeoff_plot(out: Path, summary: dict[str, Any], fits: SweepFits) -> t
 
 
 def _run_settings(out: Path, summary: dict[str, Any]) -> list[list[Any]]:
-    import json as _json
-
     rows = [["model", f"{summary['model']} ({summary['dtype']})"], ["layer", summary["layer"]],
             ["data", summary["data"]]]
     rendering_path = out / "rendering.json"
     if rendering_path.exists():
-        record = _json.loads(rendering_path.read_text())
+        record = read_json(rendering_path)
         chosen = record.get("rendering", {})
         text = (f"{chosen.get('name') or 'custom'}: completion whitespace {chosen.get('completion_space')}, "
                 f"end-of-turn {'appended' if chosen.get('end_of_turn') else 'not appended'}, chosen by "
@@ -700,7 +697,7 @@ def _run_settings(out: Path, summary: dict[str, Any]) -> list[list[Any]]:
         rows.append(["rendering", text])
     data_path = out / "data.json"
     if data_path.exists():
-        record = _json.loads(data_path.read_text())
+        record = read_json(data_path)
         splits = record.get("splits", {})
         rows.append(["split", f"seed {splits.get('seed')}, sizes {splits.get('sizes')}, spec {splits.get('spec')}"])
         if record.get("choice_dev"):

@@ -26,7 +26,7 @@ from torch import nn
 from .architecture import model_structure
 from .config import from_dict
 from .errors import ConfigError, UnisteerError, UpdateMismatchError
-from .files import partial_path, temporary_folder_beside
+from .files import partial_path, read_json, temporary_folder_beside, write_json, writing_folder
 from .updates import LoRAUpdate, Update, UpdateSpec, update_from_spec
 
 FORMAT_VERSION = 1
@@ -70,12 +70,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta_path = path / METADATA_FILE
         if not meta_path.exists():
             raise UnisteerError(f"{path}: not an update folder (missing {METADATA_FILE})")
-        try:
-            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise UnisteerError(f"{meta_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        except json.JSONDecodeError as exc:
-            raise UnisteerError(f"{meta_path}: invalid JSON ({exc})") from exc
+        metadata = read_json(meta_path, what="update metadata")
         where = str(meta_path)
     else:
         header = _safetensors_header(path)
@@ -207,6 +202,8 @@ def export_peft_adapter(update: Update, model: nn.Module, folder: str | Path, *,
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise UnisteerError(f"{folder} already exists; pass overwrite=True to replace it")
+    if update.spec.positions != "all":
+        raise UnisteerError(f"positions={update.spec.positions}: a PEFT adapter acts on every position")
     structure = model_structure(model)
     module_path = f"{structure.layers_path}.{update.layer}.{update.spec.component}"
     rank = update.spec.rank
@@ -225,7 +222,7 @@ def export_peft_adapter(update: Update, model: nn.Module, folder: str | Path, *,
     prefix = f"base_model.model.{module_path}"
     tensors = {f"{prefix}.lora_A.weight": update.lora_A.detach().float().contiguous().cpu(),
                f"{prefix}.lora_B.weight": update.lora_B.detach().float().contiguous().cpu()}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    with writing_folder(folder, replace=True) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "adapter_config.json", config)
     return folder

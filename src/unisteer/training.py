@@ -52,8 +52,18 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import to_dict
-from .data import IGNORE_INDEX, EncodedPair, PairDataset, PairEncoder, PolarityPair, Rendering, collate_pairs
+from .data import (
+    IGNORE_INDEX,
+    EncodedPair,
+    PairDataset,
+    PairEncoder,
+    PolarityPair,
+    Rendering,
+    collate_pairs,
+    common_prefix_length,
+)
 from .errors import ConfigError, DataError, UnisteerError
+from .files import write_json, write_text
 from .hf_compat import cache_kwargs, output_cache
 from .hooks import Steering
 from .objectives import (
@@ -65,10 +75,10 @@ from .objectives import (
     reps_loss,
     split_loss,
 )
-from .prefix import layers_from
+from .prefix import layers_from, recording, run_until
 from .scoring import CompletionScores, completion_nll, completion_nll_from_hidden, final_hidden, stack_owner
 from .storage import save_update
-from .updates import FORMS, INSERTIONS, Positions, Update, create_update, form_class
+from .updates import FORMS, INSERTIONS, Positions, Update, create_update, eval_mode, form_class
 
 log = logging.getLogger(__name__)
 
@@ -326,10 +336,6 @@ class _LayerInputStore:
         return out.to(device)
 
 
-class _StopForward(Exception):
-    """Ends a forward pass once the activation we need is captured."""
-
-
 class _Scorer:
     """Completion NLLs of sequences under the update at per-row multipliers: cached or full forwards."""
 
@@ -403,47 +409,33 @@ def _fill_cache(model: nn.Module, layer: int, sequences: _Sequences, *, pad_id: 
     structure = model_structure(model)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences.ids[i]))  # little padding per batch
     ref_logp = torch.zeros(len(sequences), dtype=torch.float32) if reference else None
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        if not reference:
-            raise _StopForward
-
-    handle = (structure.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
-              if store is not None else None)
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            chunk = order[start:start + batch_size]
-            batch = sequences.batch(chunk, pad_id=pad_id)
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            try:
+    block = structure.layers[layer]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = order[start:start + batch_size]
+        batch = sequences.batch(chunk, pad_id=pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if reference:  # the whole forward is needed; layer L's input is recorded on the way
+            with recording(block, "input") as record:
                 hidden = final_hidden(model, ids, mask)
-            except _StopForward:
-                hidden = None
-            if store is not None:
-                for row, i in enumerate(chunk):
-                    store.put(i, captured["hidden"][row, :len(sequences.ids[i])])
-            if reference:
-                scores = completion_nll_from_hidden(model, hidden, batch["labels"].to(device))
-                ref_logp[chunk] = -scores.nll_sum.cpu()
-    finally:
-        if handle is not None:
-            handle.remove()
+            scores = completion_nll_from_hidden(model, hidden, batch["labels"].to(device))
+            ref_logp[chunk] = -scores.nll_sum.cpu()
+            layer_input = record.get("value")
+        else:
+            layer_input = run_until(model, block, ids, mask, capture="input")
+        if store is not None:
+            for row, i in enumerate(chunk):
+                store.put(i, layer_input[row, :len(sequences.ids[i])])
     if store is not None:
         store.finish()
     return ref_logp
 
 
 def _shared_prefix(sequences: _Sequences, length: int) -> list[int] | None:
-    """The common template prefix if every sequence starts with it and has prompt tokens after it."""
+    """The template's common prefix (`length` tokens) if every prompt starts with it and goes on after it."""
     if length < 1 or not len(sequences):
         return None
-    prefix = sequences.ids[0][:length]
-    for ids, prompt_length in zip(sequences.ids, sequences.prompt_lengths, strict=True):
-        if prompt_length <= length or ids[:length] != prefix:
-            return None
-    return prefix
+    prompts = [ids[:n] for ids, n in zip(sequences.ids, sequences.prompt_lengths, strict=True)]
+    return sequences.ids[0][:length] if common_prefix_length(prompts) >= length else None
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -485,14 +477,10 @@ def evaluate_preference(model: nn.Module, update: Update, pairs: PairDataset | S
     sequences = _Sequences(encoder.encode_all(list(pairs)))
     if not len(sequences):
         raise DataError("evaluate_preference: no pairs")
-    was_training = update.training
-    update.eval()
-    try:
+    with eval_mode(update):
         scorer = _Scorer(model, update.layer, sequences, pad_id=encoder.pad_token_id, store=None, prefix_ids=None)
         steering = Steering(model, update, multiplier=0.0)
         return _preference_rows(scorer, steering, range(len(sequences) // 2), multipliers, batch_size)
-    finally:
-        update.train(was_training)
 
 
 def _encoder_for(tokenizer: Any, max_length: int, rendering: Rendering | str | None = None) -> PairEncoder:
@@ -531,32 +519,18 @@ def diffmean_update(model: nn.Module, tokenizer: Any, pairs: PairDataset | Seque
     check_layer_index(layer, structure.num_layers)
     target = structure.layer(layer) if insertion == "block_output" else structure.down_proj(layer)
     device = next(model.parameters()).device
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(module, args, output):
-        captured["out"] = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
-
     side_means = {}
-    handle = target.register_forward_hook(capture)
-    try:
-        for side in ("positive", "negative"):
-            means = []
-            for start in tqdm(range(0, len(encoded), batch_size), desc=f"diffmean {side}", disable=not progress,
-                              leave=False):
-                batch = collate_pairs(encoded[start:start + batch_size], side, pad_token_id=encoder.pad_token_id)
-                try:
-                    final_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device))
-                except _StopForward:
-                    pass
-                out = captured.pop("out").float()
-                out = out.view(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)
-                mask = batch.answer_mask if tokens == "answer" else batch.completion_mask
-                weights = mask.to(device).float().unsqueeze(-1)
-                means.append((out * weights).sum(1) / weights.sum(1).clamp(min=1))
-            side_means[side] = torch.cat(means)
-    finally:
-        handle.remove()
+    for side in ("positive", "negative"):
+        means = []
+        for start in tqdm(range(0, len(encoded), batch_size), desc=f"diffmean {side}", disable=not progress,
+                          leave=False):
+            batch = collate_pairs(encoded[start:start + batch_size], side, pad_token_id=encoder.pad_token_id)
+            out = run_until(model, target, batch.input_ids.to(device), batch.attention_mask.to(device)).float()
+            out = out.view(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)
+            mask = batch.answer_mask if tokens == "answer" else batch.completion_mask
+            weights = mask.to(device).float().unsqueeze(-1)
+            means.append((out * weights).sum(1) / weights.sum(1).clamp(min=1))
+        side_means[side] = torch.cat(means)
     vector = (side_means["positive"] - side_means["negative"]).mean(0)
     update = create_update(model, "vector", layer, insertion=insertion, positions="all",
                            name=name or f"diffmean-vector-L{layer}", seed=0)
@@ -756,14 +730,10 @@ class _Trainer:
         if not self.eval_pairs:
             return None
         m = self.config.eval_multiplier
-        was_training = self.update.training
-        self.update.eval()
-        try:
+        with eval_mode(self.update):
             multipliers = [-m, m] if unsteered is not None else [-m, 0.0, m]
             rows = _preference_rows(self.eval_scorer, self.eval_steering, self.eval_pairs, multipliers,
                                     self.config.cache_batch_size)
-        finally:
-            self.update.train(was_training)
         return rows if unsteered is None else [rows[0], unsteered, rows[1]]
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -824,7 +794,7 @@ class _Trainer:
             record = json.loads(line)
             if record.get("step", 0) <= step:
                 kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self.started)
@@ -958,7 +928,7 @@ class _Trainer:
         self.update.spec.training = summary
         self.update.spec.positions = "all"
         path = save_update(self.update, self.paths["update"], overwrite=self.overwrite)
-        self.paths["summary"].write_text(json.dumps(summary, indent=2))
+        write_json(self.paths["summary"], summary)
         shutil.rmtree(self.paths["checkpoint"], ignore_errors=True)
         self.update.eval()
         return TrainResult(self.update, path, summary, steps)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,6 +281,19 @@ def form_class(form: str) -> type[Update]:
 def default_grid(form: str) -> list[float]:
     """The multipliers swept and evaluated for a form by default (see each form's `default_grid`)."""
     return list(form_class(form).default_grid)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Dropout off for every given module (a model, updates) while evaluating; their modes restored after."""
+    modes = [(module, module.training) for module in modules if module is not None]
+    for module, _ in modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 def check_multipliers(values: Any, where: str = "multipliers", *, with_update: bool = True,

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -50,6 +49,7 @@ from .evaluation import (
     choice_accuracy,
     select_steering,
 )
+from .files import read_json, write_json
 from .scoring import final_hidden, token_nll_from_hidden
 from .updates import Update
 
@@ -292,7 +292,7 @@ def common_rendering(updates: Mapping[str, Update]) -> Rendering | None:
 class TrainedCell:
     update: Update
     path: Path
-    seconds: float
+    seconds: float | None  # None when a finished cell was loaded without its timing
 
 
 def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective: str, form: str, layer: int,
@@ -314,7 +314,7 @@ def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective
     update_path = out / "update"
     timing_path = out / "timing.json"
     if update_path.exists() and not overwrite:
-        seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else float("nan")
+        seconds = read_json(timing_path)["seconds"] if timing_path.exists() else None
         return TrainedCell(load_update(update_path, model), update_path, seconds)
     train = data.splits.train
     encoder = PairEncoder(tokenizer, rendering)
@@ -349,13 +349,6 @@ def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective
     write_json(timing_path, {"seconds": seconds})
     # The saved copy is what a resumed run sees; use it now too so both runs name the same update.
     return TrainedCell(load_update(update_path, model), update_path, seconds)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -503,7 +496,7 @@ def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Seq
     path = out / "layers.json"
     done: dict[str, Any] = {"cheap": {}, "full": {}}
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = read_json(path)
         if previous.get("settings") == settings:
             done = {"cheap": previous.get("layers", {}), "full": previous.get("refined", {})}
 
