@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import UnisteerError
+from .objectives import OBJECTIVES
+from .updates import FORMS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -229,9 +231,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an update (SPLIT, SFT, RePS, DPO) or compute DiffMean on a dataset")
     _add_model_args(p)
     _add_data_args(p)
-    p.add_argument("--objective", default="split", choices=["split", "sft", "reps", "dpo", "diffmean"],
+    p.add_argument("--objective", default="split", choices=[*OBJECTIVES, "diffmean"],
                    help="training objective (default: %(default)s); diffmean is closed-form (vector only)")
-    p.add_argument("--form", default="vector", choices=["vector", "lora", "local_weight"],
+    p.add_argument("--form", default="vector", choices=list(FORMS),
                    help="update form (default: %(default)s)")
     p.add_argument("--layer", type=_layer_arg, default="default",
                    help="decoder layer (default: the model's measured layer, see `unisteer layers`)")

@@ -17,16 +17,15 @@ for `sub` pairs, so L_w / L_l are SPEC's L_p / L_n.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .scoring import CompletionScores
 from .updates import Update, VectorUpdate
-
-OBJECTIVES = ("split", "sft", "reps", "dpo")
-NEEDS_REFERENCE = frozenset({"reps", "dpo"})
 
 
 @dataclass
@@ -42,6 +41,40 @@ class LossTerms:
     def margin(self) -> torch.Tensor:
         """Preference margin L_l − L_w in nats/token (what SPLIT's hinge pushes above θ)."""
         return self.lose_nll - self.win_nll
+
+
+@dataclass
+class ObjectiveInputs:
+    """What a minibatch gives every objective: the steered scores of its winning and losing sequences, the
+    unsteered (reference) summed log-probs where the objective needs them, and their sequence lengths."""
+
+    win: CompletionScores
+    lose: CompletionScores
+    ref_win: torch.Tensor | None = None
+    ref_lose: torch.Tensor | None = None
+    win_sequence_lengths: torch.Tensor | None = None
+    lose_sequence_lengths: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered training objective: its loss on `ObjectiveInputs` given the training config, and whether
+    it needs the unsteered model's log-probs (computed once, with the frozen-prefix cache)."""
+
+    name: str
+    loss: Callable[[ObjectiveInputs, Any], LossTerms]
+    needs_reference: bool = False
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str, *, needs_reference: bool = False):
+    """Add an objective under `name` (one function here is all a new objective needs)."""
+    def register(loss: Callable[[ObjectiveInputs, Any], LossTerms]) -> Callable[[ObjectiveInputs, Any], LossTerms]:
+        OBJECTIVES[name] = Objective(name, loss, needs_reference)
+        return loss
+    return register
 
 
 def token_mean_nll(scores: CompletionScores) -> torch.Tensor:
@@ -77,6 +110,32 @@ def dpo_loss(win: CompletionScores, lose: CompletionScores, ref_win_logp: torch.
     loss = -F.logsigmoid(logits).mean()
     return LossTerms(loss, token_mean_nll(win).detach(), token_mean_nll(lose).detach(),
                      {"reward_accuracy": (logits > 0).float().mean().detach()})
+
+
+@register_objective("split")
+def _split(inputs: ObjectiveInputs, config: Any) -> LossTerms:
+    return split_loss(inputs.win, inputs.lose, lambda_p=config.lambda_p, lambda_n=config.lambda_n,
+                      gamma=config.gamma, theta=config.theta)
+
+
+@register_objective("sft")
+def _sft(inputs: ObjectiveInputs, config: Any) -> LossTerms:
+    return split_loss(inputs.win, inputs.lose, lambda_p=config.lambda_p, lambda_n=0.0, gamma=0.0, theta=config.theta)
+
+
+@register_objective("dpo", needs_reference=True)
+def _dpo(inputs: ObjectiveInputs, config: Any) -> LossTerms:
+    return dpo_loss(inputs.win, inputs.lose, inputs.ref_win, inputs.ref_lose, beta=config.beta)
+
+
+@register_objective("reps", needs_reference=True)
+def _reps(inputs: ObjectiveInputs, config: Any) -> LossTerms:
+    if config.reps_length == "completion":
+        win_length, lose_length = inputs.win.n_tokens.float(), inputs.lose.n_tokens.float()
+    else:
+        win_length, lose_length = inputs.win_sequence_lengths, inputs.lose_sequence_lengths
+    return reps_loss(inputs.win, inputs.lose, inputs.ref_win, inputs.ref_lose, win_length=win_length.clamp(min=1),
+                     lose_length=lose_length.clamp(min=1), scaler=config.reps_scaler)
 
 
 class ProjectingVector(Update):

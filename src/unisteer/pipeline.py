@@ -19,9 +19,8 @@ from typing import Any
 from .config import from_dict
 from .errors import ConfigError, UnisteerError
 from .files import read_json, read_yaml, write_json, write_text
+from .objectives import OBJECTIVES
 from .updates import FORMS
-
-OBJECTIVES = ("diffmean", "split", "sft", "reps", "dpo")
 
 
 @dataclass
@@ -39,8 +38,9 @@ class CellConfig:
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise ConfigError(f"cells[].form: {self.form!r} is not one of {FORMS}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"cells[].objective: {self.objective!r} is not one of {OBJECTIVES}")
+        known = ("diffmean", *OBJECTIVES)
+        if self.objective not in known:
+            raise ConfigError(f"cells[].objective: {self.objective!r} is not one of {known}")
         if self.objective == "diffmean" and self.form != "vector":
             raise ConfigError("cells[]: diffmean is closed-form and exists only as a vector")
         self.name = self.name or f"{self.objective}-{self.form}"

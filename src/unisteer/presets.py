@@ -51,7 +51,7 @@ def reference_row(data: str, form: str) -> dict[str, Any]:
 def preset(objective: str, form: str, *, data: str = "psychopathy", **overrides: Any) -> TrainConfig:
     """A complete `TrainConfig` for `objective` × `form` from the reference row of `data`, then `overrides`."""
     if objective not in OBJECTIVES:
-        raise ConfigError(f"preset objective: {objective!r} is not one of {OBJECTIVES}")
+        raise ConfigError(f"preset objective: {objective!r} is not one of {tuple(OBJECTIVES)}")
     values: dict[str, Any] = {"objective": objective, "form": form, **reference_row(data, form)}
     if objective == "sft":
         values.update(lambda_n=0.0, gamma=0.0, pairs="add+sub")

@@ -67,13 +67,10 @@ from .files import write_json, write_text
 from .hf_compat import cache_kwargs, output_cache
 from .hooks import Steering
 from .objectives import (
-    NEEDS_REFERENCE,
     OBJECTIVES,
     LossTerms,
+    ObjectiveInputs,
     ProjectingVector,
-    dpo_loss,
-    reps_loss,
-    split_loss,
 )
 from .prefix import layers_from, recording, run_until
 from .scoring import CompletionScores, completion_nll, completion_nll_from_hidden, final_hidden, stack_owner
@@ -151,7 +148,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective: {self.objective!r} is not one of {OBJECTIVES}")
+            raise ConfigError(f"objective: {self.objective!r} is not one of {tuple(OBJECTIVES)}")
         if self.form not in FORMS:
             raise ConfigError(f"form: {self.form!r} is not one of {FORMS}")
         if self.insertion not in INSERTIONS:
@@ -607,7 +604,7 @@ class _Trainer:
         self.sequences = _Sequences(encoded)
         self.n_pairs = len(encoded)
         self.truncated = sum(p.truncated for p in encoded)
-        self.reference = cfg.objective in NEEDS_REFERENCE
+        self.reference = OBJECTIVES[cfg.objective].needs_reference
         self.after_prefix = cfg.train_positions == "after_prefix"
         k = self.encoder.common_prefix_length
         self.train_positions = Positions("from", k) if self.after_prefix else Positions("all")
@@ -705,24 +702,18 @@ class _Trainer:
 
     def _objective(self, scores: CompletionScores, win_rows: list[int], lose_rows: list[int],
                    win_sequences: list[int], lose_sequences: list[int]) -> LossTerms:
-        cfg = self.config
-        win = CompletionScores(scores.nll_sum[win_rows], scores.n_tokens[win_rows])
-        lose = CompletionScores(scores.nll_sum[lose_rows], scores.n_tokens[lose_rows])
-        if cfg.objective in ("split", "sft"):
-            lambda_n, gamma = (cfg.lambda_n, cfg.gamma) if cfg.objective == "split" else (0.0, 0.0)
-            return split_loss(win, lose, lambda_p=cfg.lambda_p, lambda_n=lambda_n, gamma=gamma, theta=cfg.theta)
+        objective = OBJECTIVES[self.config.objective]
         device = scores.nll_sum.device
-        ref_win = self.ref_logp[win_sequences].to(device)
-        ref_lose = self.ref_logp[lose_sequences].to(device)
-        if cfg.objective == "dpo":
-            return dpo_loss(win, lose, ref_win, ref_lose, beta=cfg.beta)
-        if cfg.reps_length == "completion":
-            win_length, lose_length = win.n_tokens.float(), lose.n_tokens.float()
-        else:
-            win_length = torch.tensor([float(len(self.sequences.ids[s])) for s in win_sequences], device=device)
-            lose_length = torch.tensor([float(len(self.sequences.ids[s])) for s in lose_sequences], device=device)
-        return reps_loss(win, lose, ref_win, ref_lose, win_length=win_length.clamp(min=1),
-                         lose_length=lose_length.clamp(min=1), scaler=cfg.reps_scaler)
+        inputs = ObjectiveInputs(CompletionScores(scores.nll_sum[win_rows], scores.n_tokens[win_rows]),
+                                 CompletionScores(scores.nll_sum[lose_rows], scores.n_tokens[lose_rows]))
+        if objective.needs_reference:
+            inputs.ref_win = self.ref_logp[win_sequences].to(device)
+            inputs.ref_lose = self.ref_logp[lose_sequences].to(device)
+            inputs.win_sequence_lengths = torch.tensor([float(len(self.sequences.ids[s])) for s in win_sequences],
+                                                       device=device)
+            inputs.lose_sequence_lengths = torch.tensor([float(len(self.sequences.ids[s])) for s in lose_sequences],
+                                                        device=device)
+        return objective.loss(inputs, self.config)
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def _evaluate(self, unsteered: dict[str, float] | None = None) -> list[dict[str, float]] | None:
