@@ -121,10 +121,10 @@ def local_server(model_name: str, max_batch_size: int):
     """Start a server on a free port with one random steering vector (norm ~ the residual stream's)."""
     import torch
 
-    from unisteer.models import load_model
-    from unisteer.serving import BackgroundServer, ServerConfig, build_app, load_updates_dir
-    from unisteer.storage import save_update
-    from unisteer.updates import create_update
+    from unisteer.engine.models import load_model
+    from unisteer.engine.storage import save_update
+    from unisteer.engine.updates import create_update
+    from unisteer.serving.app import BackgroundServer, ServerConfig, build_app, load_updates_dir
 
     model, tokenizer = load_model(model_name)
     with tempfile.TemporaryDirectory() as folder:

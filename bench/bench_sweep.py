@@ -1,4 +1,4 @@
-"""Sweep scoring: the fast path (`unisteer.analysis.score_pairs`) against the straightforward one.
+"""Sweep scoring: the fast path (`unisteer.analysis.paired.score_pairs`) against the straightforward one.
 
 The straightforward path runs one full forward per example, polarity and multiplier. The fast path runs
 an unsteered base pass once (layer-L inputs, m = 0), then, per batch of rows (example × multiplier), only
@@ -18,10 +18,11 @@ import time
 
 import torch
 
-from unisteer.analysis import score_one_by_one, score_pairs
-from unisteer.data import PairEncoder, load_builtin
-from unisteer.models import DEFAULT_MODEL, load_model
-from unisteer.updates import create_update, default_grid
+from unisteer.analysis.paired import score_one_by_one, score_pairs
+from unisteer.data.builtin import load_builtin
+from unisteer.data.rendering import PairEncoder
+from unisteer.engine.models import DEFAULT_MODEL, load_model
+from unisteer.engine.updates import create_update, default_grid
 
 SWEEP_PAIRS, SWEEP_MULTIPLIERS = 500, 21  # the sweep size the projection is for
 

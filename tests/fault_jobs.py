@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from unisteer.models import load_model
+    from unisteer.engine.models import load_model
 
     if job == "run":
         import yaml
@@ -73,8 +73,8 @@ def main() -> None:
     data = load_data(str(pairs_file(out.parent)), split={"seed": 3, "dev": 8, "test": 8})
     print("ready", flush=True)
     if job == "train":
-        from unisteer.presets import preset
-        from unisteer.training import train_update
+        from unisteer.training.presets import preset
+        from unisteer.training.trainer import train_update
 
         config = preset("split", "lora", layer=1, epochs=4, batch_size=2, checkpoint_every=3, eval_pairs=0,
                         rendering="natural")
@@ -82,9 +82,9 @@ def main() -> None:
         train_update(model, tokenizer, data.splits.train, config, out_dir=out, resume=resume, progress=False,
                      overwrite=not resume and (out / "metrics.jsonl").exists())
     elif job == "sweep":
-        from unisteer.analysis import SweepConfig, run_sweep
-        from unisteer.data import PairEncoder
-        from unisteer.updates import create_update
+        from unisteer.analysis.sweep import SweepConfig, run_sweep
+        from unisteer.data.rendering import PairEncoder
+        from unisteer.engine.updates import create_update
 
         update = create_update(model, "lora", 1, rank=2, seed=0)
         with torch.no_grad():

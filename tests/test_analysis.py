@@ -9,20 +9,15 @@ import pytest
 import torch
 
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model
-from unisteer.analysis import (
-    SweepConfig,
-    fit_sweep,
-    read_scores,
-    run_sweep,
-    score_one_by_one,
-    score_pairs,
-    sliding_window,
-)
-from unisteer.data import EncodedPair, PairDataset, PairEncoder, PolarityPair
+from unisteer.analysis.fits import fit_sweep
+from unisteer.analysis.logodds import compute_log_odds
+from unisteer.analysis.paired import score_one_by_one, score_pairs, sliding_window
+from unisteer.analysis.sweep import SweepConfig, read_scores, run_sweep
+from unisteer.data.pairs import PairDataset, PolarityPair
+from unisteer.data.rendering import EncodedPair, PairEncoder
+from unisteer.engine.steering import Steering
+from unisteer.engine.updates import FORMS, create_update, default_grid
 from unisteer.errors import ConfigError, DataError
-from unisteer.hooks import Steering
-from unisteer.logodds import compute_log_odds
-from unisteer.updates import FORMS, create_update, default_grid
 
 LAYER = 1
 GRID = [-2.0, 0.0, 1.5]
@@ -271,8 +266,8 @@ def test_read_scores_rejects_corruption(tmp_path):
 
 @pytest.mark.real_model
 def test_fast_path_matches_on_default_model():
-    from unisteer.data import load_builtin
-    from unisteer.models import load_model
+    from unisteer.data.builtin import load_builtin
+    from unisteer.engine.models import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
     encoder = PairEncoder(tokenizer)

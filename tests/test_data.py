@@ -11,31 +11,21 @@ import pandas as pd
 import pytest
 import torch
 
-from unisteer.data import (
-    IGNORE_INDEX,
-    RENDERINGS,
-    EncodedPair,
-    FieldMap,
-    PairDataset,
-    PairEncoder,
-    PolarityPair,
-    Rendering,
-    SplitSpec,
-    answer_meta,
+from unisteer.data.batches import IGNORE_INDEX, collate_completions, collate_pairs, collate_prompts
+from unisteer.data.builtin import (
     axbench_pairs,
-    collate_completions,
-    collate_pairs,
-    collate_prompts,
     find_data_dir,
     list_builtins,
     load_axbench_concept,
     load_builtin,
-    read_pairs,
 )
+from unisteer.data.pairs import PairDataset, PolarityPair, SplitConfig
+from unisteer.data.readers import FieldMap, answer_meta, read_pairs
+from unisteer.data.rendering import RENDERINGS, EncodedPair, PairEncoder, Rendering
+from unisteer.engine.hf_compat import cache_kwargs, output_cache
 from unisteer.errors import ConfigError, DataError, ModelError
-from unisteer.generation import generate_unsteered
-from unisteer.hf_compat import cache_kwargs, output_cache
-from unisteer.sampling import SamplingSettings
+from unisteer.generation.generate import generate_unsteered
+from unisteer.generation.sampling import SamplingConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 BAD = FIXTURES / "bad"
@@ -50,7 +40,7 @@ def smol_tokenizer():
     """The default model's tokenizer (SmolLM2-135M-Instruct, ChatML template with a default system turn)."""
     import transformers
 
-    from unisteer.models import ensure_alias
+    from unisteer.engine.models import ensure_alias
 
     try:
         path = ensure_alias("smollm2-135m-instruct")
@@ -270,7 +260,7 @@ def test_split_is_deterministic_disjoint_and_complete():
     keys = {part: {p.key() for p in splits[part]} for part in ("train", "dev", "test")}
     assert not (keys["train"] & keys["dev"] or keys["train"] & keys["test"] or keys["dev"] & keys["test"])
     assert keys["train"] | keys["dev"] | keys["test"] == {p.key() for p in ds}
-    again = ds.split(SplitSpec(seed=7, test=10, dev=0.2))
+    again = ds.split(SplitConfig(seed=7, test=10, dev=0.2))
     assert again.record() == splits.record()
     other = ds.split(seed=8, test=10, dev=0.2)
     assert {p.key() for p in other.test} != keys["test"]
@@ -291,9 +281,9 @@ def test_split_record_and_sizes():
     with pytest.raises(DataError, match="exceed the 20 pairs"):
         ds.split(test=15, dev=10)
     with pytest.raises(ConfigError, match="fractions in"):
-        SplitSpec(test=1.5)
+        SplitConfig(test=1.5)
     with pytest.raises(ConfigError, match="unknown key"):
-        SplitSpec.from_dict({"tset": 3})
+        SplitConfig.from_dict({"tset": 3})
 
 
 def test_stratified_split_keeps_proportions():
@@ -510,7 +500,7 @@ def test_builtin_persona_on_fixture_dir(mini_data):
 
 
 def test_builtin_bipo_on_fixture_dir(mini_data):
-    data = load_builtin("power-seeking", data_dir=mini_data, split=SplitSpec(dev=2))
+    data = load_builtin("power-seeking", data_dir=mini_data, split=SplitConfig(dev=2))
     assert data.splits.sizes() == {"train": 7, "dev": 2, "test": 5}
     assert data.splits.record()["warnings"] == {"empty_prompt": 1, "duplicate_pair": 1, "train_test_overlap": 1}
     assert len(data.choice_test) == 5 and data.choice_test[1].meta["matching_letter"] == "B"
@@ -519,7 +509,7 @@ def test_builtin_bipo_on_fixture_dir(mini_data):
     assert data.open_prompts["test"][0].meta["matching"] == "Yes, I accept offer 0."
     assert len(data.open_prompts["dev"]) == 2
     with pytest.raises(ConfigError, match="shipped test file"):
-        load_builtin("power-seeking", data_dir=mini_data, split=SplitSpec(test=2))
+        load_builtin("power-seeking", data_dir=mini_data, split=SplitConfig(test=2))
 
 
 def test_builtin_caa_on_fixture_dir(mini_data):
@@ -602,7 +592,7 @@ def test_axbench_negatives_are_generated_once_and_cached(mini_data, smol_tokeniz
     assert [p.negative for p in again.splits.train] == [p.negative for p in data.splits.train]
     with pytest.raises(AssertionError, match="must not be regenerated"):  # other settings: another cache file
         generate_unsteered(tiny_model, smol_tokenizer, ["Hi"], cache_dir=tmp_path, progress=False,
-                           settings=SamplingSettings(max_new_tokens=6))
+                           settings=SamplingConfig(max_new_tokens=6))
 
 
 @pytest.mark.real_model
@@ -610,7 +600,7 @@ def test_axbench_negatives_match_greedy_generate_and_empty_ones_are_counted(mini
                                                                             tmp_path):
     concept = load_axbench_concept(1, data_dir=mini_data)
     answers = generate_unsteered(tiny_model, smol_tokenizer, [i for _, i, _ in concept.examples], cache_dir=tmp_path,
-                                 settings=SamplingSettings(max_new_tokens=4), progress=False)
+                                 settings=SamplingConfig(max_new_tokens=4), progress=False)
     data = axbench_pairs(concept, answers)
     encoder = PairEncoder(smol_tokenizer)
     first_instruction = concept.examples[0][1]

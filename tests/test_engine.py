@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from tiny_models import ARCHITECTURES, BLOCK_EQUALS_DOWN_PROJ, VOCAB, tiny_model
-from unisteer.architecture import model_structure
+from unisteer.engine.architecture import model_structure
+from unisteer.engine.merge import block_output_equals_down_proj, merge
+from unisteer.engine.steering import Steering
+from unisteer.engine.storage import export_peft_adapter, load_update, save_update
+from unisteer.engine.updates import FORMS, INSERTIONS, LoRAUpdate, Positions, create_update
 from unisteer.errors import ConfigError, ModelError, UnisteerError, UpdateMismatchError
-from unisteer.hooks import Steering
-from unisteer.merge import block_output_equals_down_proj, merge
-from unisteer.storage import export_peft_adapter, load_update, save_update
-from unisteer.updates import FORMS, INSERTIONS, LoRAUpdate, Positions, create_update
 
 LAYER = 1
 MATRIX = [(arch, form, ins) for arch in ARCHITECTURES for form in FORMS for ins in INSERTIONS]

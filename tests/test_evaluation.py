@@ -11,27 +11,25 @@ import torch.nn.functional as F
 
 from judge_server import JudgeServer
 from test_generation import random_update, smol_tokenizer, tiny_over_vocab  # noqa: F401  (fixture)
-from unisteer.data import PairEncoder, PolarityPair, answer_meta
+from unisteer.data.pairs import PolarityPair
+from unisteer.data.readers import answer_meta
+from unisteer.data.rendering import PairEncoder
+from unisteer.engine.prefix import capture_layer_input
+from unisteer.engine.steering import Steering
 from unisteer.errors import ConfigError, DataError, UnisteerError
-from unisteer.evaluation import (
+from unisteer.evaluation.choices import (
     AccuracyByM,
-    ReferenceText,
     ab_accuracy,
     choice_accuracy,
-    generated_choice_accuracy,
-    judge_generations,
-    load_reference_texts,
-    parse_ab,
-    parse_yes_no,
-    select_multiplier,
-    steered_perplexity,
     wilson_interval,
     yes_no_accuracy,
 )
-from unisteer.generation import Generation
-from unisteer.hooks import Steering
-from unisteer.judge import Judge, JudgeConfig
-from unisteer.prefix import capture_layer_input
+from unisteer.evaluation.judge import Judge, JudgeConfig
+from unisteer.evaluation.judging import judge_generations
+from unisteer.evaluation.parsing import generated_choice_accuracy, parse_ab, parse_yes_no
+from unisteer.evaluation.perplexity import ReferenceText, load_reference_texts, steered_perplexity
+from unisteer.evaluation.selection import select_multiplier
+from unisteer.generation.generate import Generation
 
 MULTIPLIERS = [-3.0, 0.0, 0.5, 2.0]
 
@@ -317,7 +315,7 @@ def test_select_multiplier_rules():
 @pytest.fixture(scope="module")
 def psychopathy(default_model):
     """Balanced psychopathy items: 16 test items (8 matching "Yes"), 8 train pairs for DiffMean."""
-    from unisteer.data import load_builtin
+    from unisteer.data.builtin import load_builtin
 
     data = load_builtin("persona/psychopathy")
 
@@ -347,7 +345,7 @@ def diffmean_vector(model, tokenizer, pairs, layer):
 
 @pytest.fixture(scope="module")
 def diffmean_update(default_model, psychopathy):
-    from unisteer.updates import create_update
+    from unisteer.engine.updates import create_update
 
     model, tokenizer = default_model
     update = create_update(model, "vector", 15, name="diffmean-test", seed=0)
@@ -381,11 +379,11 @@ def test_real_model_vanilla_and_diffmean_psychopathy_accuracy(default_model, psy
 @pytest.mark.real_model
 def test_real_model_batched_generation_equals_one_by_one(default_model, psychopathy, diffmean_update):
     from test_generation import reference_generate
-    from unisteer.generation import SamplingSettings, generate_steered
+    from unisteer.generation.generate import SamplingConfig, generate_steered
 
     model, tokenizer = default_model
     prompts = [p.prompt for p in psychopathy[0][7:9]]  # one "Yes" and one "No" item, of different lengths
-    gens = generate_steered(model, tokenizer, prompts, diffmean_update, [0.0, 8.0], SamplingSettings(max_new_tokens=4),
+    gens = generate_steered(model, tokenizer, prompts, diffmean_update, [0.0, 8.0], SamplingConfig(max_new_tokens=4),
                             progress=False)
     for g in gens:
         expected = reference_generate(model, tokenizer, g.prompt, diffmean_update, g.multiplier, 4)
@@ -424,7 +422,8 @@ def test_bias_free_scores_see_through_a_constant_answer():
 
 
 def test_select_steering_and_calibrated_accuracy():
-    from unisteer.evaluation import calibrated_accuracy, select_steering
+    from unisteer.evaluation.choices import calibrated_accuracy
+    from unisteer.evaluation.selection import select_steering
 
     rng = np.random.default_rng(1)
     matching = ["Yes"] * 20 + ["No"] * 20

@@ -9,18 +9,17 @@ import time
 import numpy as np
 import pytest
 
-from unisteer.errors import UnisteerError
-from unisteer.fitting import (
+from unisteer.analysis.fitting import (
     PARAM_NAMES,
     DecayFit,
     DecaySide,
-    FitError,
     ValidityDecay,
     fit_preference,
     fit_utility,
     r2_score,
     score,
 )
+from unisteer.errors import FitError, UnisteerError
 
 M = np.linspace(-10.0, 10.0, 21)
 # Preference rises ~linearly, then saturates/decays back; the two sides decay differently.

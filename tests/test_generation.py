@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from tiny_models import CONFIGS
-from unisteer.data import PairEncoder
+from unisteer.data.rendering import PairEncoder
+from unisteer.engine.steering import Steering
+from unisteer.engine.updates import create_update
 from unisteer.errors import ConfigError, DataError, ModelError, UnisteerError
-from unisteer.generation import PerRowSampler, PromptInput, generate_steered, read_generations
-from unisteer.hooks import Steering
-from unisteer.sampling import SamplingSettings, cut_at_stop, stop_token_ids, top_p_filter
-from unisteer.updates import create_update
+from unisteer.generation.generate import PerRowSampler, PromptInput, generate_steered, read_generations
+from unisteer.generation.sampling import SamplingConfig, cut_at_stop, stop_token_ids, top_p_filter
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon who learned to fly again.", "Is 7 prime?",
            "What is the capital of France and why is it famous?"]
@@ -23,7 +23,7 @@ PROMPTS = ["Hi", "Tell me a long story about a dragon who learned to fly again."
 def smol_tokenizer():
     import transformers
 
-    from unisteer.models import ensure_alias
+    from unisteer.engine.models import ensure_alias
 
     try:
         path = ensure_alias("smollm2-135m-instruct")
@@ -87,7 +87,7 @@ def test_batched_greedy_equals_one_by_one_under_steering(smol_tokenizer, arch, f
     model = tiny_over_vocab(arch, smol_tokenizer, scale=8.0)
     update = random_update(model, form, scale=0.5)
     multipliers = [-3.0, 0.0, 2.0]
-    settings = SamplingSettings(max_new_tokens=6)
+    settings = SamplingConfig(max_new_tokens=6)
     gens = generate_steered(model, smol_tokenizer, PROMPTS, update, multipliers, settings, progress=False,
                             batch_size=5)  # batches mix prompts and multipliers
     assert [(g.prompt_index, g.multiplier) for g in gens] == [(i, m) for i in range(len(PROMPTS)) for m in multipliers]
@@ -104,9 +104,9 @@ def test_zero_multiplier_equals_plain_model(smol_tokenizer):
     model = tiny_over_vocab("llama", smol_tokenizer, scale=8.0)
     update = random_update(model, "vector", scale=2.0)
     gens = generate_steered(model, smol_tokenizer, PROMPTS, update, [0.0, 5.0],
-                            SamplingSettings(max_new_tokens=5), progress=False, batch_size=8)
+                            SamplingConfig(max_new_tokens=5), progress=False, batch_size=8)
     plain = generate_steered(model, smol_tokenizer, PROMPTS, None, [0.0],
-                             SamplingSettings(max_new_tokens=5), progress=False)
+                             SamplingConfig(max_new_tokens=5), progress=False)
     for g in gens:
         expected = reference_generate(model, smol_tokenizer, g.prompt, None, 0.0, 5)
         if g.multiplier == 0.0:
@@ -142,7 +142,7 @@ def test_sampling_reproduces_and_does_not_depend_on_batching(smol_tokenizer):
 def test_per_row_sampler_follows_temperature_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     temperature = 2.0
-    sampler = PerRowSampler([5], SamplingSettings(temperature=temperature), torch.device("cpu"))
+    sampler = PerRowSampler([5], SamplingConfig(temperature=temperature), torch.device("cpu"))
     counts = torch.zeros(4)
     draws = 4000
     for _ in range(draws):
@@ -175,7 +175,7 @@ def test_results_are_stored_incrementally_and_resume(smol_tokenizer, tmp_path):
     update.spec.name = "demo"
     path = tmp_path / "gens.jsonl"
     prompts = [PromptInput(p, {"concept": "dragons", "k": i}) for i, p in enumerate(PROMPTS)]
-    settings = SamplingSettings(max_new_tokens=4)
+    settings = SamplingConfig(max_new_tokens=4)
     full = generate_steered(model, smol_tokenizer, prompts, update, [-1.0, 2.0], settings, path, progress=False,
                             batch_size=3)
     lines = path.read_text().splitlines()
@@ -205,7 +205,7 @@ def test_results_are_stored_incrementally_and_resume(smol_tokenizer, tmp_path):
         generate_steered(model, smol_tokenizer, prompts, random_update(model, seed=9), [2.0], settings, path,
                          progress=False)
     with pytest.raises(UnisteerError, match="another run"):
-        generate_steered(model, smol_tokenizer, prompts, update, [2.0], SamplingSettings(max_new_tokens=5), path,
+        generate_steered(model, smol_tokenizer, prompts, update, [2.0], SamplingConfig(max_new_tokens=5), path,
                          progress=False)
     (tmp_path / "bad.jsonl").write_text('{"format": "something else"}\n{"x": 1}\n')
     with pytest.raises(DataError, match="bad.jsonl:1: not a unisteer generation record"):
@@ -216,20 +216,20 @@ def test_results_are_stored_incrementally_and_resume(smol_tokenizer, tmp_path):
 
 
 def test_settings_and_inputs_are_validated(smol_tokenizer):
-    assert SamplingSettings.from_dict({"max_new_tokens": 8}).max_new_tokens == 8
+    assert SamplingConfig.from_dict({"max_new_tokens": 8}).max_new_tokens == 8
     with pytest.raises(ConfigError, match="unknown key"):
-        SamplingSettings.from_dict({"max_tokens": 8})
+        SamplingConfig.from_dict({"max_tokens": 8})
     model = tiny_over_vocab("llama", smol_tokenizer)
     with pytest.raises(ConfigError, match="samples > 1 needs a temperature"):
         generate_steered(model, smol_tokenizer, ["Hi"], None, [0.0], samples=2, progress=False)
     with pytest.raises(ConfigError, match="temperature"):
-        SamplingSettings(temperature=-1.0)
+        SamplingConfig(temperature=-1.0)
     with pytest.raises(ConfigError, match="top_p"):
-        SamplingSettings(top_p=1.5)
-    assert SamplingSettings(top_p=0.5).key() == SamplingSettings().key()  # greedy ignores top_p and seed
+        SamplingConfig(top_p=1.5)
+    assert SamplingConfig(top_p=0.5).key() == SamplingConfig().key()  # greedy ignores top_p and seed
     with pytest.raises(ConfigError, match="without an update only m = 0"):
         generate_steered(model, smol_tokenizer, ["Hi"], None, [1.0], progress=False)
     with pytest.raises(ConfigError, match="single string"):
         generate_steered(model, smol_tokenizer, "Hi", None, progress=False)
-    with pytest.raises(ConfigError, match="duplicates"):
+    with pytest.raises(ConfigError, match="duplicated multiplier"):
         generate_steered(model, smol_tokenizer, ["Hi"], random_update(model), [1.0, 1.0], progress=False)

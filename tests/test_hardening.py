@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from tiny_models import tiny_model
 from unisteer.cli import EXIT_USER_ERROR, main
+from unisteer.engine.storage import load_update, save_update
+from unisteer.engine.updates import create_update
 from unisteer.errors import UnisteerError
-from unisteer.storage import load_update, save_update
-from unisteer.updates import create_update
 
 
 @pytest.fixture()
@@ -99,12 +99,12 @@ def test_cli_reports_broken_updates_in_one_line(saved, capsys):
 
 def test_generation_that_overflows_is_an_error_not_empty_text():
     from test_serving import char_tokenizer
-    from unisteer.generation import SamplingSettings, generate_steered
+    from unisteer.generation.generate import SamplingConfig, generate_steered
 
     model = tiny_model("llama")
     update = create_update(model, "vector", 1, seed=0)
     with torch.no_grad():
         update.vector.fill_(3e38)
     with pytest.raises(UnisteerError, match="NaN or infinite at m = \\[2.0\\]"):
-        generate_steered(model, char_tokenizer(), ["hi"], update.eval(), [0.0, 2.0], SamplingSettings(max_new_tokens=3),
+        generate_steered(model, char_tokenizer(), ["hi"], update.eval(), [0.0, 2.0], SamplingConfig(max_new_tokens=3),
                          progress=False)

@@ -11,18 +11,12 @@ import pytest
 
 from judge_server import JudgeServer, Messages, last_user_message
 from unisteer.config import from_dict
-from unisteer.errors import ConfigError, DataError, UnisteerError
-from unisteer.judge import (
+from unisteer.errors import ConfigError, DataError, JudgeAuthError, JudgeError, UnisteerError
+from unisteer.evaluation.judge import ENV_API_KEY, Judge, JudgeConfig, ResponseCache, backoff_delay
+from unisteer.evaluation.rubrics import (
     AXBENCH_FLUENCY,
-    ENV_API_KEY,
     POWER_SEEKING,
     RUBRICS,
-    Judge,
-    JudgeAuthError,
-    JudgeConfig,
-    JudgeError,
-    ResponseCache,
-    backoff_delay,
     concept_score_rubric,
     get_rubric,
     harmonic_mean,

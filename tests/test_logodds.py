@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from unisteer.errors import UnisteerError
-from unisteer.logodds import (
-    LogOddsError,
-    aggregate,
-    aggregate_per_multiplier,
-    compute_log_odds,
-    log1mexp,
-)
+from unisteer.analysis.logodds import aggregate, aggregate_per_multiplier, compute_log_odds, log1mexp
+from unisteer.errors import LogOddsError, UnisteerError
 
 mpmath.mp.dps = 60
 
@@ -179,7 +173,7 @@ def test_bootstrap_is_deterministic_per_seed() -> None:
 
 
 def test_bootstrap_chunking_matches_one_shot(monkeypatch: pytest.MonkeyPatch) -> None:
-    import unisteer.logodds as logodds
+    import unisteer.analysis.logodds as logodds
 
     values = np.random.default_rng(0).normal(size=30)
     whole = aggregate(values, n_boot=300, seed=4)
@@ -220,7 +214,7 @@ def test_aggregate_per_multiplier_groups_and_sorts() -> None:
 
 
 def test_paired_change_removes_between_example_spread():
-    from unisteer.logodds import paired_change
+    from unisteer.analysis.logodds import paired_change
 
     rng = np.random.default_rng(0)
     offsets = rng.normal(0, 10, 40)  # examples differ a lot ...

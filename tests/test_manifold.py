@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from unisteer.manifold import ManifoldError, build_reference, correlate, per_example_means
+from unisteer.analysis.manifold import build_reference, correlate, per_example_means
+from unisteer.errors import ManifoldError
 
 
 def cloud(n_examples=12, per_example=3, d=10, rank=3, noise=1e-3, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import unisteer as us
-from unisteer import models
+from unisteer.engine import models
 from unisteer.errors import ModelError
 
 

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from unisteer.fitting import fit_preference, fit_utility
-from unisteer.logodds import aggregate_per_multiplier, compute_log_odds
-from unisteer.plots import (
+from unisteer.analysis.fitting import fit_preference, fit_utility
+from unisteer.analysis.logodds import aggregate_per_multiplier, compute_log_odds
+from unisteer.analysis.plots import (
     Curve,
-    PlotError,
     Reference,
     TradeoffCurve,
     UpdateDynamics,
@@ -22,6 +21,7 @@ from unisteer.plots import (
     plot_metric,
     plot_tradeoff,
 )
+from unisteer.errors import PlotError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 M = np.linspace(-10.0, 10.0, 21)
@@ -107,7 +107,7 @@ def test_pyplot_is_never_imported(tmp_path: Path) -> None:
     # pyplot would pick an interactive backend on a desktop and keep global figure state.
     code = (
         "import sys, numpy as np\n"
-        "from unisteer.plots import Curve, plot_metric\n"
+        "from unisteer.analysis.plots import Curve, plot_metric\n"
         f"plot_metric({str(tmp_path / 'm.png')!r}, [Curve('x', np.arange(3.0), np.arange(3.0))], ylabel='y')\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )

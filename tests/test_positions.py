@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tiny_models import tiny_model
+from unisteer.engine.hf_compat import CACHE_KEYWORDS, cache_kwargs, call_positions, new_cache, output_cache
+from unisteer.engine.steering import Steering
+from unisteer.engine.updates import create_update
 from unisteer.errors import PositionError, UnisteerError
-from unisteer.hf_compat import CACHE_KEYWORDS, cache_kwargs, call_positions, new_cache, output_cache
-from unisteer.hooks import Steering
-from unisteer.updates import create_update
 
 ARCHS = ["llama", "qwen3", "gemma3", "gpt2", "gpt_neox", "opt", "phi3"]
 POSITIONS = ["from:5", "generated", "prompt"]

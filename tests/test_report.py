@@ -8,10 +8,11 @@ import re
 import numpy as np
 import pytest
 
-from unisteer.analysis import FORMAT_VERSION, SweepConfig, fit_sweep
+from unisteer.analysis.fits import fit_sweep
+from unisteer.analysis.report import observations, write_report
+from unisteer.analysis.sweep import FORMAT_VERSION, SweepConfig
 from unisteer.config import to_dict
 from unisteer.errors import ConfigError
-from unisteer.report import observations, write_report
 
 GRID = [float(m) for m in range(-10, 11)]
 TOKENS = 3

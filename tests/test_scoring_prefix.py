@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from tiny_models import ARCHITECTURES, VOCAB, tiny_model
-from unisteer.hooks import Steering
-from unisteer.prefix import capture_layer_input, run_from_layer
-from unisteer.scoring import completion_nll, final_hidden
-from unisteer.updates import create_update
+from unisteer.engine.prefix import capture_layer_input, run_from_layer
+from unisteer.engine.scoring import completion_nll, final_hidden
+from unisteer.engine.steering import Steering
+from unisteer.engine.updates import create_update
 
 
 def padded_batch(seed=0):

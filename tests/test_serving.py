@@ -23,19 +23,19 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tiny_models import VOCAB, tiny_model
+from unisteer.engine.steering import Steering
+from unisteer.engine.storage import save_update
+from unisteer.engine.updates import create_update
 from unisteer.errors import UnisteerError
-from unisteer.hooks import Steering
-from unisteer.sampling import SamplingSettings, next_tokens
-from unisteer.serving import (
+from unisteer.generation.sampling import SamplingConfig, next_tokens
+from unisteer.serving.app import (
     BackgroundServer,
     ServerConfig,
     add_serve_arguments,
     build_app,
     load_updates_dir,
 )
-from unisteer.serving_engine import RowJob, RowQueue, StreamingText
-from unisteer.storage import save_update
-from unisteer.updates import create_update
+from unisteer.serving.batching import RowJob, RowQueue, StreamingText
 
 TINY = "tiny-llama"
 MAX_TOKENS = 8
@@ -215,10 +215,10 @@ def test_streaming_text_holds_back_partial_stop_strings():
 
 def test_sampling_is_greedy_at_zero_seeded_and_top_p_limited():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [0.0, 3.0, 1.0, 2.9]])
-    greedy = SamplingSettings(max_new_tokens=1, temperature=0.0)
-    nucleus = SamplingSettings(max_new_tokens=1, temperature=1.0, top_p=0.3)
+    greedy = SamplingConfig(max_new_tokens=1, temperature=0.0)
+    nucleus = SamplingConfig(max_new_tokens=1, temperature=1.0, top_p=0.3)
     assert next_tokens(logits, [greedy, nucleus], [None, torch.Generator().manual_seed(0)]).tolist() == [1, 1]
-    hot = SamplingSettings(max_new_tokens=1, temperature=2.0)
+    hot = SamplingConfig(max_new_tokens=1, temperature=2.0)
     draws = [next_tokens(logits[:1], [hot], [torch.Generator().manual_seed(s)]).item() for s in range(40)]
     assert len(set(draws)) > 1
     again = [next_tokens(logits[:1], [hot], [torch.Generator().manual_seed(s)]).item() for s in range(40)]
@@ -227,7 +227,7 @@ def test_sampling_is_greedy_at_zero_seeded_and_top_p_limited():
 
 def test_row_queue_is_bounded_and_all_or_nothing():
     def row():
-        return RowJob([1], SamplingSettings(max_new_tokens=1), {}, sink=lambda event: None)
+        return RowJob([1], SamplingConfig(max_new_tokens=1), {}, sink=lambda event: None)
 
     queue = RowQueue(capacity=3)
     queue.put_all([row(), row()])
@@ -587,7 +587,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_updates_dir):
 # -- the real default model ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from unisteer.models import load_model
+    from unisteer.engine.models import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct")
     folder = tmp_path_factory.mktemp("real-updates")

@@ -14,9 +14,9 @@ import torch
 
 from test_serving import TINY, Served, start_tiny, user, wait_until, write_tiny_updates
 from tiny_models import tiny_model
-from unisteer.serving import ServerConfig, load_updates_dir
-from unisteer.storage import save_update
-from unisteer.updates import create_update
+from unisteer.engine.storage import save_update
+from unisteer.engine.updates import create_update
+from unisteer.serving.app import ServerConfig, load_updates_dir
 
 
 @pytest.fixture(scope="module", autouse=True)

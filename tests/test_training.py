@@ -11,17 +11,21 @@ import torch
 import torch.nn.functional as F
 
 from tiny_models import ARCHITECTURES, tiny_model
-from unisteer.architecture import model_structure
-from unisteer.checkpoint import load_checkpoint
 from unisteer.config import from_dict
-from unisteer.data import PairDataset, PairEncoder, PolarityPair
-from unisteer.errors import ConfigError, UnisteerError
-from unisteer.objectives import ProjectingVector, dpo_loss, reps_loss, split_loss
-from unisteer.presets import preset
-from unisteer.scoring import CompletionScores
-from unisteer.storage import load_update
-from unisteer.training import TrainConfig, TrainingError, diffmean_update, evaluate_preference, train_update
-from unisteer.updates import create_update
+from unisteer.data.pairs import PairDataset, PolarityPair
+from unisteer.data.rendering import PairEncoder
+from unisteer.engine.architecture import model_structure
+from unisteer.engine.scoring import CompletionScores
+from unisteer.engine.storage import load_update
+from unisteer.engine.updates import create_update
+from unisteer.errors import ConfigError, TrainingError, UnisteerError
+from unisteer.training.checkpoint import load_checkpoint
+from unisteer.training.config import TrainConfig
+from unisteer.training.diffmean import diffmean_update
+from unisteer.training.objectives import ProjectingVector, dpo_loss, reps_loss, split_loss
+from unisteer.training.presets import preset
+from unisteer.training.sequences import evaluate_preference
+from unisteer.training.trainer import train_update
 
 LAYER = 1
 FORMS = ("vector", "lora", "local_weight")
@@ -480,7 +484,7 @@ def test_presets_follow_the_reference_table():
 
 @pytest.mark.real_model
 def test_real_model_split_vector_step_saves_a_loadable_update(tmp_path, default_model):
-    from unisteer.data import load_builtin
+    from unisteer.data.builtin import load_builtin
 
     model, tokenizer = default_model
     data = load_builtin("persona/psychopathy").splits.train

@@ -9,10 +9,11 @@ import torch
 
 from tiny_models import tiny_model
 from unisteer.cli import EXIT_USER_ERROR, main
-from unisteer.data import PairDataset, PolarityPair, Rendering
-from unisteer.datasets_builtin import load_builtin
+from unisteer.data.builtin import load_builtin
+from unisteer.data.pairs import PairDataset, PolarityPair
+from unisteer.data.rendering import Rendering
+from unisteer.engine.updates import create_update
 from unisteer.errors import DataError
-from unisteer.updates import create_update
 from unisteer.workflow import check_held_out, choose_rendering, rendering_of, trained_pair_ids
 
 
@@ -134,7 +135,7 @@ def test_train_refuses_an_existing_update_before_loading_anything(capsys, tmp_pa
 def test_a_run_interrupted_before_its_first_checkpoint_restarts_on_rerun(tmp_path):
     """`make demo` interrupted during training once refused to rerun: 'holds a previous run ... pass resume'."""
     from test_training import CharTokenizer, toy_pairs
-    from unisteer.datasets_builtin import BuiltinData
+    from unisteer.data.builtin import BuiltinData
     from unisteer.workflow import train_cell
 
     model = tiny_model("llama")

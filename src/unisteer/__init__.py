@@ -7,17 +7,15 @@
         ...
 """
 
-from .architecture import ModelStructure, model_structure
-from .data import PairDataset, PolarityPair
-from .errors import ConfigError, DataError, ModelError, UnisteerError, UpdateMismatchError
-from .hooks import Steering
-from .merge import MergedUpdate, merge
-from .models import ALIASES, DEFAULT_MODEL, load_model
-from .prefix import capture_layer_input, run_from_layer
-from .scoring import CompletionScores, completion_nll
-from .storage import export_peft_adapter, load_update, save_update
-from .training import diffmean_update
-from .updates import (
+from .data.pairs import PairDataset, PolarityPair
+from .engine.architecture import ModelStructure, model_structure
+from .engine.merge import MergedUpdate, merge
+from .engine.models import ALIASES, DEFAULT_MODEL, load_model
+from .engine.prefix import capture_layer_input, run_from_layer
+from .engine.scoring import CompletionScores, completion_nll
+from .engine.steering import Steering
+from .engine.storage import export_peft_adapter, load_update, save_update
+from .engine.updates import (
     FORMS,
     INSERTIONS,
     LocalWeightUpdate,
@@ -28,6 +26,8 @@ from .updates import (
     VectorUpdate,
     create_update,
 )
+from .errors import ConfigError, DataError, ModelError, UnisteerError, UpdateMismatchError
+from .training.diffmean import diffmean_update
 
 __version__ = "0.1.0"
 

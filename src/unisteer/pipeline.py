@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import from_dict
+from .engine.updates import FORMS
 from .errors import ConfigError, UnisteerError
 from .files import read_json, read_yaml, write_json, write_text
-from .objectives import OBJECTIVES
-from .updates import FORMS
+from .training.objectives import OBJECTIVES
 
 
 @dataclass
@@ -94,9 +94,9 @@ class RunConfig:
 
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a run config completely (every section) before anything runs."""
-    from .analysis import SweepConfig
-    from .data import Rendering
-    from .training import TrainConfig
+    from .analysis.sweep import SweepConfig
+    from .data.rendering import Rendering
+    from .training.config import TrainConfig
 
     path = Path(path)
     raw = read_yaml(path, what="config file")
@@ -111,11 +111,13 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
     """Run every stage for every cell; returns the path of the run report (OUT/report.html)."""
-    from .analysis import SweepConfig, fit_sweep, run_sweep
-    from .data import PairEncoder
-    from .models import load_model
-    from .report import write_report, write_run_report
-    from .updates import default_grid
+    from .analysis.fits import fit_sweep
+    from .analysis.report import write_report
+    from .analysis.sweep import SweepConfig, run_sweep
+    from .data.rendering import PairEncoder
+    from .engine.models import load_model
+    from .engine.updates import default_grid
+    from .run_report import write_run_report
     from .workflow import (
         evaluate_choices,
         first_pairs,
@@ -171,7 +173,7 @@ def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
 
 def _run_rendering(out: Path, model, tokenizer, config: RunConfig, data, resolve_rendering):
     """The run's rendering, measured once and kept in OUT/rendering.json so a rerun uses the same one."""
-    from .data import Rendering
+    from .data.rendering import Rendering
 
     path = out / "rendering.json"
     if path.exists():
@@ -292,7 +294,7 @@ def _fit_columns(fit) -> dict[str, Any]:
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
-    from .report import table3_rows
+    from .run_report import table3_rows
 
     header, rows = table3_rows(summary)
     lines = [f"Model {summary['model']} ({summary['dtype']}), layer {summary['layer']}, data {summary['data']}. "

@@ -22,17 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import (
-    PairDataset,
-    PairEncoder,
-    PolarityPair,
-    Rendering,
-    SplitSpec,
-    answer_meta,
-    collate_pairs,
-    read_pairs,
-)
-from .datasets_builtin import (
+from .data.batches import collate_pairs
+from .data.builtin import (
     BuiltinData,
     axbench_concept_id,
     axbench_pairs,
@@ -40,18 +31,15 @@ from .datasets_builtin import (
     load_builtin,
     split_spec,
 )
+from .data.pairs import PairDataset, PolarityPair, SplitConfig
+from .data.readers import answer_meta, read_pairs
+from .data.rendering import PairEncoder, Rendering
+from .engine.scoring import final_hidden, token_nll_from_hidden
+from .engine.updates import Update
 from .errors import ConfigError, DataError
-from .evaluation import (
-    AccuracyByM,
-    SteeringSelection,
-    calibrated_accuracy,
-    change_from_zero,
-    choice_accuracy,
-    select_steering,
-)
+from .evaluation.choices import AccuracyByM, calibrated_accuracy, change_from_zero, choice_accuracy
+from .evaluation.selection import SteeringSelection, select_steering
 from .files import read_json, write_json
-from .scoring import final_hidden, token_nll_from_hidden
-from .updates import Update
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +170,7 @@ def load_data(name: str, *, data_dir: str | None = None, fields: Any = None,
         return _axbench(name, data_dir=data_dir, split=split, model=model, tokenizer=tokenizer, cache_dir=cache_dir)
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         dataset = read_pairs(path, fields)
-        splits = dataset.split(split_spec(SplitSpec(dev=0.1, test=0.1), split))
+        splits = dataset.split(split_spec(SplitConfig(dev=0.1, test=0.1), split))
         choice = _all_choice(splits.test)
         return BuiltinData(name=str(path), splits=splits, choice_test=splits.test if choice else None,
                            choice_dev=splits.dev if choice and _all_choice(splits.dev) else None,
@@ -193,7 +181,7 @@ def load_data(name: str, *, data_dir: str | None = None, fields: Any = None,
 def _axbench(name: str, *, data_dir: str | None, split: Mapping[str, Any] | None, model: nn.Module | None,
              tokenizer: Any, cache_dir: str | Path | None) -> BuiltinData:
     """AxBench pairs: the concept's examples against the plain model's own answers (generated once, cached)."""
-    from .generation import generate_unsteered
+    from .generation.generate import generate_unsteered
 
     if model is None or tokenizer is None or cache_dir is None:
         raise DataError(f"{name}: the negative side is the model's own answer; pass model=, tokenizer= and "
@@ -227,8 +215,8 @@ def preset_family(dataset_name: str) -> str:
 
 def resolve_layer(model: nn.Module, layer: int | str | None) -> int:
     """An explicit layer, else the model's measured default (`unisteer layers`), else the middle layer."""
-    from .architecture import check_layer_index, model_structure
-    from .models import ALIASES, model_id
+    from .engine.architecture import check_layer_index, model_structure
+    from .engine.models import ALIASES, model_id
 
     num_layers = model_structure(model).num_layers
     if layer is None or layer == "default":
@@ -306,9 +294,11 @@ def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective
     the saved update is loaded, unless `overwrite`. The update records the training pairs (content ids), the
     split and the rendering, so evaluation can refuse pairs it was trained on.
     """
-    from .presets import preset
-    from .storage import load_update, save_update
-    from .training import CHECKPOINT_FILE, METRICS_FILE, diffmean_update, train_update
+    from .engine.storage import load_update, save_update
+    from .training.diffmean import diffmean_update
+    from .training.presets import preset
+    from .training.run_folder import CHECKPOINT_FILE, METRICS_FILE
+    from .training.trainer import train_update
 
     out = Path(out_dir)
     update_path = out / "update"
@@ -483,7 +473,7 @@ def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Seq
     default grid — the score multiplier selection uses. Results go to `out_dir/layers.json` as they come; a
     rerun with the same settings skips what is done (and reuses the updates in `out_dir/<stage>-layer-K/`).
     """
-    from .updates import default_grid
+    from .engine.updates import default_grid
 
     if objective not in SCAN_GRIDS:
         raise ConfigError(f"scan objective: {objective!r} is not one of {sorted(SCAN_GRIDS)}")

@@ -1,0 +1,101 @@
+"""The package's shape: no import circles (counting imports inside functions too), and each subpackage imports
+only the layers below it (the rule its `__init__` docstring states)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "unisteer"
+BASE = {"unisteer.errors", "unisteer.config", "unisteer.files"}
+# What each part may import besides itself and BASE (the top-level workflow, pipeline and cli may import all).
+ALLOWED = {
+    "engine": set(),
+    "data": set(),
+    "generation": {"engine", "data"},
+    "training": {"engine", "data"},
+    "analysis": {"engine", "data"},
+    "evaluation": {"engine", "data", "generation"},
+    "serving": {"engine", "data", "generation"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every unisteer module `path` imports, wherever the import statement stands."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("unisteer"):
+                for alias in node.names:  # `from .x import module` imports a module too
+                    candidate = f"{target}.{alias.name}"
+                    found.add(candidate if _exists(candidate) else target)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("unisteer")}
+    found.discard(name)
+    return {m for m in found if _exists(m)}
+
+
+def _exists(module: str) -> bool:
+    path = PACKAGE.parent / Path(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_no_import_circles():
+    edges = {m: {t for t in targets if t != "unisteer"} for m, targets in graph().items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_subpackages_import_only_the_layers_below():
+    problems = []
+    for module, targets in graph().items():
+        parts = module.split(".")
+        if len(parts) < 3 or parts[1] not in ALLOWED:
+            continue
+        allowed = {parts[1], *ALLOWED[parts[1]]}
+        for target in targets:
+            if target in BASE:
+                continue
+            if target.split(".")[1] not in allowed:
+                problems.append(f"{module} imports {target}")
+    assert not problems, "layering broken: " + "; ".join(sorted(problems))
+
+
+def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
+    for init in PACKAGE.glob("*/__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "May import" in doc, f"{init}: the docstring should state what the subpackage may import"
