@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .engine.updates import FORMS
-from .errors import UnisteerError
+from .errors import ConfigError, UnisteerError
 from .training.objectives import OBJECTIVES
 
 EXIT_USER_ERROR = 2
@@ -30,6 +30,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="model dtype; auto = bf16 where the hardware has native bf16 (GPU, AVX512-bf16, "
                              "AMX), else float32 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--device-map", default=None,
+                        help="spread the model over devices with accelerate instead of --device: 'auto', "
+                             "'balanced', or a JSON object of module -> device ('cpu'/'disk' offload)")
+    parser.add_argument("--offload-folder", default=None, help="where a --device-map puts 'disk' layers")
 
 
 def _add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -92,7 +96,20 @@ def _load_model(args: argparse.Namespace):
     from .engine.models import load_model
 
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=_device_map(args.device_map),
+                      offload_folder=args.offload_folder)
+
+
+def _device_map(text: str | None) -> str | dict | None:
+    if text is None or not text.strip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--device-map: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(value, dict):
+        raise ConfigError("--device-map: expected a JSON object of module name -> device")
+    return value
 
 
 def _print_json(obj) -> None:

@@ -34,6 +34,7 @@ from .data.builtin import (
 from .data.pairs import PairDataset, PolarityPair, SplitConfig
 from .data.readers import answer_meta, read_pairs
 from .data.rendering import PairEncoder, Rendering
+from .engine.devices import input_device
 from .engine.scoring import final_hidden, token_nll_from_hidden
 from .engine.updates import Update
 from .errors import ConfigError, DataError
@@ -104,7 +105,7 @@ def choose_rendering(model: nn.Module, tokenizer: Any, pairs: PairDataset | Sequ
 def _answer_and_suffix_nll(model: nn.Module, encoder: PairEncoder, pairs: Sequence[PolarityPair],
                            batch_size: int) -> tuple[float, float]:
     """Mean summed NLL per completion of the answer tokens and of the suffix tokens (both polarities)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     encoded = encoder.encode_all(pairs)
     answer_total = suffix_total = 0.0
     count = 0

@@ -30,12 +30,13 @@ from torch import nn
 from ..data.batches import IGNORE_INDEX, PaddingSide, TokenBatch, collate_completions, common_prefix_length
 from ..data.rendering import EncodedPair
 from ..engine.architecture import model_structure, text_config
+from ..engine.devices import input_device
 from ..engine.hf_compat import cache_kwargs, fill_layers, new_cache
 from ..engine.prefix import layers_from
 from ..engine.scoring import completion_nll, completion_nll_from_hidden, stack_owner
 from ..engine.steering import Steering
 from ..engine.updates import Update, check_multipliers, eval_mode
-from ..errors import ConfigError, DataError, UnisteerError
+from ..errors import DataError, UnisteerError
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steerin
         raise UnisteerError("a pass that starts above layer 0 needs the recorded layer inputs")
     if input_layers and start_layer > 0:
         raise UnisteerError("layer inputs are recorded by the base pass only (start_layer = 0)")
-    device = next(model.parameters()).device
+    device = input_device(model)
     n_groups, n_rows, width = rows.groups.numel(), rows.suffix.input_ids.shape[0], rows.prefix_ids.numel()
     suffix, completions = rows.suffix.to(device), rows.completions.to(device)
     cache = new_cache(model)
@@ -318,11 +319,6 @@ def _length_sorted_chunks(encoded: Sequence[EncodedPair], size: int) -> list[lis
 
 
 def _steering(model: nn.Module, update: Update, positions: str | None) -> Steering:
-    device = next(model.parameters()).device
-    for name, parameter in update.named_parameters():
-        if parameter.device != device:
-            raise ConfigError(f"update {update.spec.name or update.spec.form!r}: parameter {name} is on "
-                              f"{parameter.device}, the model on {device}; move it with update.to(device)")
     return Steering(model, update, multiplier=0.0, positions=positions)
 
 
@@ -365,7 +361,7 @@ def _steered_pass(model: nn.Module, chunk: _Chunk, rows: Sequence[tuple[int, flo
 def score_one_by_one(model: nn.Module, update: Update, encoded: Sequence[EncodedPair],
                      multipliers: Sequence[float], *, positions: str | None = None) -> list[PairScore]:
     """The straightforward path: one full forward per example, polarity and multiplier (benchmark reference)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     with eval_mode(model, update):
         for m in multipliers:

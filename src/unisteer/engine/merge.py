@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import UnisteerError
 from .architecture import model_structure
+from .devices import input_device, is_offloaded
 from .updates import Positions, Update, VectorUpdate
 
 
@@ -50,6 +51,11 @@ def merge(model: nn.Module, update: Update, multiplier: float) -> MergedUpdate:
             "MLP output before the residual sum (e.g. Gemma's post-feed-forward norm); use insertion='down_proj'"
         )
     module = model_structure(model).down_proj(update.layer)
+    if is_offloaded(module):
+        raise UnisteerError(
+            f"cannot merge into layer {update.layer}: its weights are offloaded by the device_map (they live on "
+            "'meta' between calls); steer with hooks (Steering) instead, or load that layer onto a device"
+        )
     handle = MergedUpdate(
         module=module,
         original_weight=module.weight.detach().clone(),
@@ -59,12 +65,12 @@ def merge(model: nn.Module, update: Update, multiplier: float) -> MergedUpdate:
     weight_delta, bias_delta = update.weight_delta(), update.bias_delta()
     with torch.no_grad():
         if weight_delta is not None:
-            w = weight_delta.to(torch.float32) * multiplier
+            w = weight_delta.to(module.weight.device, torch.float32) * multiplier
             # GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in).
             w = w if isinstance(module, nn.Linear) else w.t()
             module.weight.copy_((module.weight.to(torch.float32) + w).to(module.weight.dtype))
         if bias_delta is not None:
-            b = bias_delta.to(torch.float32) * multiplier
+            b = bias_delta.to(module.weight.device, torch.float32) * multiplier
             if module.bias is None:
                 module.bias = nn.Parameter(b.to(module.weight.dtype), requires_grad=False)
             else:
@@ -94,7 +100,7 @@ def block_output_equals_down_proj(model: nn.Module, layer: int) -> bool:
     from .updates import UpdateSpec
 
     structure = model_structure(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids = torch.arange(1, 7, device=device).unsqueeze(0) % model.config.get_text_config().vocab_size
     block = structure.layer(layer)
     plain = run_until(model, block, input_ids).float()

@@ -18,6 +18,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,11 +107,16 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
+    *,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ):
     """Load `(model, tokenizer)` from an alias, a local folder, or a Hugging Face hub id.
 
     The model is put in eval mode with gradients disabled for its own parameters: unisteer only ever trains
-    updates attached to it.
+    updates attached to it. `device_map` ("auto", "balanced", or a module → device dict with "cpu"/"disk"
+    offload) spreads a model over devices through accelerate, instead of moving it to `device`; steering,
+    training, sweeps and the server follow each layer's device (`unisteer.engine.devices`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,13 +134,20 @@ def load_model(
         local_only = False
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_only)
+        placement: dict[str, Any] = {}
+        if device_map is not None:
+            placement = {"device_map": device_map}
+            if offload_folder is not None:
+                placement["offload_folder"] = str(offload_folder)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local_only,
+                                                     **placement)
     except OSError as exc:
         raise ModelError(
             f"cannot load model {name_or_path!r}: {exc}\n"
             f"Offline aliases: {sorted(ALIASES)}; or pass a local folder with config.json and weights."
         ) from exc
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     model.config.unisteer_model_id = name_or_path

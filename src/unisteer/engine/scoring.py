@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architecture import final_logit_softcap, model_structure
+from .devices import is_offloaded
 
 
 def stack_owner(model: nn.Module) -> nn.Module:
@@ -41,7 +42,10 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 def logits_for_rows(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """lm-head logits for a dense [n, d] matrix of final hidden states."""
     head = model.get_output_embeddings()
-    logits = F.linear(rows, head.weight, getattr(head, "bias", None))
+    if is_offloaded(head):  # its dispatch hook loads the weights for the call
+        logits = head(rows)
+    else:
+        logits = F.linear(rows.to(head.weight.device), head.weight, getattr(head, "bias", None))
     cap = final_logit_softcap(model)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
@@ -65,12 +69,14 @@ def token_nll_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.
 
     Position t predicts token t+1, so the NLL of token t+1 is stored at column t+1 (aligned with labels).
     """
+    labels = labels.to(hidden.device)
     targets = labels[:, 1:]
     selected = targets != -100
     rows = hidden[:, :-1][selected]  # dense [n, d]
-    logits = logits_for_rows(model, rows).float()
+    logits = logits_for_rows(model, rows).float()  # on the lm-head's device
+    nll = F.cross_entropy(logits, targets[selected].to(logits.device), reduction="none")
     out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    out[:, 1:][selected] = F.cross_entropy(logits, targets[selected], reduction="none")
+    out[:, 1:][selected] = nll.to(hidden.device)
     return out
 
 

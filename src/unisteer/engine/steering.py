@@ -249,7 +249,7 @@ class Steering:
                     f"positions={positions}: {lengths.shape[0]} prompt lengths for a batch of {index.shape[0]}"
                 )
             keep = index < lengths if positions.kind == "prompt" else index >= lengths
-        return keep.unsqueeze(-1)
+        return keep.unsqueeze(-1).to(hidden.device)
 
 
 def _stack_owner(model: nn.Module, layers_path: str) -> nn.Module:

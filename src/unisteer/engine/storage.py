@@ -27,6 +27,7 @@ from ..config import from_dict
 from ..errors import ConfigError, UnisteerError
 from ..files import partial_path, read_json, temporary_folder_beside, write_json, writing_folder
 from .architecture import model_structure
+from .devices import module_device
 from .updates import LoRAUpdate, Update, UpdateSpec, check_compatible, update_from_spec
 
 FORMAT_VERSION = 1
@@ -156,7 +157,7 @@ def load_update(path: str | Path, model: nn.Module | None = None, *, strict_mode
         for name, param in update.named_parameters():
             param.copy_(tensors[name])
     if model is not None:
-        update.to(next(model.parameters()).device)
+        update.to(module_device(model_structure(model).layer(spec.layer)))
     update.eval()
     return update
 

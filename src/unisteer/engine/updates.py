@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError, UpdateMismatchError
 from .architecture import check_layer_index, model_structure
+from .devices import module_device
 
 INSERTIONS = ("block_output", "down_proj")
 # Reference rows of SPEC §5 per data family: pairs, batch, accumulation, epochs, lr, λ_p, λ_n, γ, θ.
@@ -174,9 +175,10 @@ class Update(nn.Module, abc.ABC):
 
     def apply(self, h: torch.Tensor, a: torch.Tensor | None, m: torch.Tensor, mask: torch.Tensor | None):
         """Return h + m·mask·Δh. `m` broadcasts as [batch, 1, 1]; `mask` is [batch, seq, 1] or None."""
-        scale = m.to(h.dtype)
+        # Everything follows the hooked tensor: with a device_map, layers sit on different devices.
+        scale = m.to(h.device, h.dtype)
         if mask is not None:
-            scale = scale * mask.to(h.dtype)
+            scale = scale * mask.to(h.device, h.dtype)
         return h + scale * self.delta(a, h)
 
     def extra_repr(self) -> str:
@@ -212,7 +214,7 @@ class VectorUpdate(Update):
 
     def delta(self, a, like):
         v = F.dropout(self.vector, self.spec.dropout, self.training)
-        return v.to(like.dtype)
+        return v.to(like.device, like.dtype)
 
     def bias_delta(self) -> torch.Tensor:
         return self.vector.detach()
@@ -237,7 +239,7 @@ class LoRAUpdate(Update):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def delta(self, a, like):
-        out = (a @ self.lora_A.to(a.dtype).t()) @ self.lora_B.to(a.dtype).t()
+        out = (a @ self.lora_A.to(a.device, a.dtype).t()) @ self.lora_B.to(a.device, a.dtype).t()
         return F.dropout(out, self.spec.dropout, self.training).to(like.dtype)
 
     def weight_delta(self) -> torch.Tensor:
@@ -261,7 +263,7 @@ class LocalWeightUpdate(Update):
         self.bias = nn.Parameter(torch.zeros(spec.hidden_size, dtype=torch.float32))
 
     def delta(self, a, like):
-        out = F.linear(a, self.weight.to(a.dtype), self.bias.to(a.dtype))
+        out = F.linear(a, self.weight.to(a.device, a.dtype), self.bias.to(a.device, a.dtype))
         return F.dropout(out, self.spec.dropout, self.training).to(like.dtype)
 
     def weight_delta(self) -> torch.Tensor:
@@ -376,7 +378,8 @@ def create_update(
         name=name,
     )
     # Inference mode by default: dropout belongs to training, which switches it on with `.train()`.
-    return update_from_spec(spec, seed=seed).to(next(model.parameters()).device).eval()
+    # The update lives beside the layer it steers (with a device_map, not necessarily the first device).
+    return update_from_spec(spec, seed=seed).to(module_device(structure.layer(layer))).eval()
 
 
 def update_from_spec(spec: UpdateSpec, seed: int | None = None) -> Update:

@@ -59,6 +59,7 @@ from ..data.batches import collate_prompts
 from ..data.pairs import PolarityPair
 from ..data.readers import answer_meta
 from ..data.rendering import PairEncoder
+from ..engine.devices import input_device
 from ..engine.prefix import capture_layer_input, run_from_layer
 from ..engine.scoring import final_hidden, logits_for_rows
 from ..engine.steering import Steering
@@ -412,7 +413,7 @@ def steered_final_hidden(model: nn.Module, update: Update | None, grid: list[flo
                     use_prefix: bool) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Final hidden states of a batch at every multiplier, in chunks: yields (indices into `grid`, hidden of
     shape [len(indices) * batch, seq, d]) with rows ordered multiplier-major."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     n = input_ids.shape[0]
     with torch.no_grad():

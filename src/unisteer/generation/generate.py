@@ -42,6 +42,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..data.batches import collate_prompts
 from ..data.rendering import PairEncoder
+from ..engine.devices import input_device
 from ..engine.fingerprint import model_fingerprint, update_fingerprint
 from ..engine.steering import Steering
 from ..engine.updates import Update, check_multipliers, eval_mode
@@ -282,7 +283,7 @@ class PerRowSampler(LogitsProcessor):
 def _generate_batch(model: nn.Module, update: Update | None, prompt_ids: Sequence[list[int]],
                     multipliers: Sequence[float], seeds: Sequence[int | None], settings: SamplingConfig,
                     pad_token_id: int, stop_ids: list[int]) -> list[tuple[list[int], bool]]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = collate_prompts(list(prompt_ids), pad_token_id=pad_token_id, padding_side="left").to(device)
     # A fresh config: results depend on `settings` only, never on a model's shipped generation defaults.
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,

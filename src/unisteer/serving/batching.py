@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.devices import input_device
 from ..engine.hf_compat import (
     cache_is_joinable,
     cache_kwargs,
@@ -272,7 +273,7 @@ class BatchGenerator:
         self.queue = RowQueue(config.max_queue_rows)
         self.stats = GeneratorStats()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.eos_ids = frozenset(stop_token_ids(tokenizer, model=model))
         self.pad_id = _pad_token_id(model, tokenizer)
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters

@@ -15,6 +15,7 @@ from ..data.batches import collate_pairs
 from ..data.pairs import PairDataset, PolarityPair
 from ..data.rendering import PairEncoder, Rendering
 from ..engine.architecture import check_layer_index, model_structure
+from ..engine.devices import input_device
 from ..engine.prefix import run_until
 from ..engine.updates import INSERTIONS, Update, create_update
 from ..errors import ConfigError, DataError
@@ -46,7 +47,7 @@ def diffmean_update(model: nn.Module, tokenizer: Any, pairs: PairDataset | Seque
     structure = model_structure(model)
     check_layer_index(layer, structure.num_layers)
     target = structure.layer(layer) if insertion == "block_output" else structure.down_proj(layer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     side_means = {}
     for side in ("positive", "negative"):
         means = []

@@ -26,6 +26,7 @@ from ..data.batches import IGNORE_INDEX, common_prefix_length
 from ..data.pairs import PairDataset, PolarityPair
 from ..data.rendering import EncodedPair, PairEncoder, Rendering
 from ..engine.architecture import model_structure
+from ..engine.devices import input_device
 from ..engine.hf_compat import cache_kwargs, output_cache
 from ..engine.prefix import layers_from, recording, run_until
 from ..engine.scoring import (
@@ -150,7 +151,7 @@ class _Scorer:
                  store: _LayerInputStore | None, prefix_ids: list[int] | None):
         self.model, self.layer, self.sequences, self.pad_id = model, layer, sequences, pad_id
         self.store = store
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.prefix_length = len(prefix_ids) if prefix_ids else 0
         self.prefix_cache = None
         if store is not None and prefix_ids:
@@ -212,7 +213,7 @@ def _fill_cache(model: nn.Module, layer: int, sequences: _Sequences, *, pad_id: 
     completion log-probs (summed) when `reference`."""
     if store is None and not reference:
         return None
-    device = next(model.parameters()).device
+    device = input_device(model)
     structure = model_structure(model)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences.ids[i]))  # little padding per batch
     ref_logp = torch.zeros(len(sequences), dtype=torch.float32) if reference else None

@@ -41,6 +41,7 @@ from ..config import to_dict
 from ..data.pairs import PairDataset
 from ..data.rendering import PairEncoder
 from ..engine.architecture import model_structure
+from ..engine.devices import input_device
 from ..engine.scoring import (
     CompletionScores,
 )
@@ -123,7 +124,7 @@ class _Trainer:
         self.out_dir, self.resume, self.progress, self.overwrite = out_dir, resume, progress, overwrite
         self.split_record, self.callback = split_record, callback
         self.encoder = encoder or encoder_for(tokenizer, self.config.max_length, self.config.rendering)
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.folder = RunFolder(out_dir)
         if not isinstance(train, PairDataset):
             raise DataError(f"train: expected a PairDataset, got {type(train).__name__}")
