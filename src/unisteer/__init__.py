@@ -9,6 +9,8 @@
 
 from .data.pairs import PairDataset, PolarityPair
 from .engine.architecture import ModelStructure, model_structure
+from .engine.control_vector import export_control_vector, import_control_vector
+from .engine.hub import pull_update, push_update
 from .engine.merge import MergedUpdate, merge
 from .engine.models import ALIASES, DEFAULT_MODEL, load_model
 from .engine.prefix import capture_layer_input, run_from_layer
@@ -57,11 +59,15 @@ __all__ = [
     "completion_nll",
     "create_update",
     "diffmean_update",
+    "export_control_vector",
     "export_peft_adapter",
+    "import_control_vector",
     "load_model",
     "load_update",
     "merge",
     "model_structure",
+    "pull_update",
+    "push_update",
     "run_from_layer",
     "save_update",
 ]

@@ -573,9 +573,115 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a saved update: a LoRA as a PEFT adapter, a vector as a llama.cpp / "
+                                      "Ollama GGUF control vector")
+    p.add_argument("update", help="saved update (folder or .safetensors)")
+    p.add_argument("out", help="output: a PEFT adapter folder, or a .gguf file")
+    p.add_argument("--format", required=True, choices=["peft", "gguf-control-vector"], help="what to write")
+    p.add_argument("--multiplier", type=float, default=1.0,
+                   help="m folded into the export (default: %(default)s; scale a control vector at run time with "
+                        "llama.cpp's --control-vector-scaled)")
+    p.add_argument("--model-name", default=None,
+                   help="gguf: controlvector.model_hint, e.g. llama (default: the update's model id)")
+    p.add_argument("--model-type", default=None,
+                   help="gguf, down_proj updates only: the model's config.model_type (e.g. llama), to check that "
+                        "its MLP output goes straight into the residual stream")
+    p.add_argument("--model", default=None,
+                   help="the update's model (alias, folder or hub id); required for peft, optional for gguf "
+                        "(checks the update's fit)")
+    p.add_argument("--dtype", default="float32", help="dtype to load --model in (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-control-vector", help="a llama.cpp GGUF control vector as a saved vector update")
+    p.add_argument("file", help="control vector .gguf (unisteer's export or llama.cpp's cvector-generator)")
+    p.add_argument("out", help="output update folder (or .safetensors file)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="which direction.<layer> to take (default: the only nonzero one)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="the model's MLP width (intermediate_size); not needed for files exported by unisteer")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the direction (default: %(default)s)")
+    p.add_argument("--name", default=None, help="name recorded in the update")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_import_control_vector)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.storage import export_peft_adapter, load_update
+
+    model = None
+    if args.model is not None:
+        from .engine.models import load_model
+
+        print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
+        model, _ = load_model(args.model, dtype=args.dtype)
+    update = load_update(args.update, model)
+    if args.format == "peft":
+        if model is None:
+            raise UnisteerError("--format peft needs --model (the adapter names the model's module paths)")
+        out = export_peft_adapter(update, model, args.out, multiplier=args.multiplier, overwrite=args.overwrite)
+    else:
+        from .engine.control_vector import export_control_vector
+
+        name = args.model_name or update.spec.model_id
+        if not name:
+            raise UnisteerError("--model-name: the update records no model id; name the model (e.g. llama)")
+        out = export_control_vector(update, args.out, model_name=name, multiplier=args.multiplier, model=model,
+                                    model_type=args.model_type, overwrite=args.overwrite)
+        print(f"llama.cpp: --control-vector-scaled {out}:1.0 (older builds: {out} 1.0); layer {update.layer}, "
+              f"multiplier {args.multiplier:g} folded in", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def cmd_import_control_vector(args: argparse.Namespace) -> int:
+    from .engine.control_vector import import_control_vector
+    from .engine.storage import save_update
+
+    update = import_control_vector(args.file, layer=args.layer, input_size=args.input_size, name=args.name,
+                                   scale=args.scale)
+    print(f"layer {update.layer}, hidden size {update.spec.hidden_size}", file=sys.stderr)
+    print(save_update(update, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def _register_hub(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload a saved update and a model card to a Hugging Face Hub repo")
+    p.add_argument("update", help="saved update (folder or .safetensors file)")
+    p.add_argument("repo_id", help="hub repo, e.g. me/smollm2-psychopathy-split")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.add_argument("--token", default=None, help="hub token (default: HF_TOKEN or the saved login)")
+    p.set_defaults(func=_cmd_push)
+    p = sub.add_parser("pull", help="download an update from a Hugging Face Hub repo into a folder")
+    p.add_argument("repo_id", help="hub repo holding a unisteer update")
+    p.add_argument("out", help="folder to write the update to (refused if it exists, unless --overwrite)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    p.add_argument("--token", default=None, help="hub token for private repos")
+    p.add_argument("--cache-dir", default=None, help="hub cache folder (default: HF_HUB_CACHE)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=_cmd_pull)
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .engine.hub import push_update
+
+    print(push_update(args.update, args.repo_id, token=args.token, private=args.private, revision=args.revision))
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .engine.hub import pull_update
+
+    print(pull_update(args.repo_id, args.out, revision=args.revision, token=args.token, cache_dir=args.cache_dir,
+                      overwrite=args.overwrite))
+    return 0
+
+
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_train, _register_sweep, _register_fit_report, _register_generate_eval, _register_layers, _register_run,
-    _register_serve,
+    _register_serve, _register_export, _register_hub,
 ]
 
 # Options whose value may start with "-" (a negative multiplier): argparse would read "-20,0,20" as an option.
