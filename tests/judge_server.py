@@ -10,8 +10,8 @@ test knows the expected score without a mocked function anywhere between the jud
 
 Test controls: `fail_next(n, status, retry_after)` makes the next n requests fail, `hang_next(n, seconds)`
 makes them stall (for client timeouts), `delay_s` holds every request (for concurrency), `api_key` requires
-"Authorization: Bearer <key>", and `rule` replaces the directive parser. It records each request body,
-the request count and the most requests in flight at once.
+"Authorization: Bearer <key>", and `rule` replaces the directive parser. It records each request body, its
+headers and arrival time (`time.monotonic()`), the request count and the most requests in flight at once.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class JudgeServer:
         self.rule = rule
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.arrivals: list[float] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -102,6 +103,7 @@ class JudgeServer:
         with self._lock:
             self.requests.append(body)
             self.headers.append(headers)
+            self.arrivals.append(time.monotonic())
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return self._scripted.pop(0) if self._scripted else None

@@ -250,9 +250,8 @@ def test_reference_texts_from_jsonl(tmp_path):
 @pytest.fixture
 def judge(tmp_path):
     with JudgeServer() as server:
-        config = JudgeConfig(base_url=server.base_url, model="judge-test", backoff_initial_s=0.01,
-                             backoff_max_s=0.02, timeout_s=5.0, cache_path=str(tmp_path / "cache.jsonl"),
-                             progress=False)
+        config = JudgeConfig(base_url=server.base_url, model="judge-test", timeout_s=5.0,
+                             cache_path=str(tmp_path / "cache.jsonl"), progress=False)
         with Judge(config) as j:
             yield j
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import socket
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ import pytest
 from judge_server import JudgeServer, Messages, last_user_message
 from unisteer.config import from_dict
 from unisteer.errors import ConfigError, DataError, JudgeAuthError, JudgeError, UnisteerError
-from unisteer.evaluation.judge import ENV_API_KEY, Judge, JudgeConfig, ResponseCache, backoff_delay
+from unisteer.evaluation.judge import ENV_API_KEY, Judge, JudgeConfig, ResponseCache
 from unisteer.evaluation.rubrics import (
     AXBENCH_FLUENCY,
     POWER_SEEKING,
@@ -43,8 +45,6 @@ def make_config(server: JudgeServer, tmp_path: Path, **overrides: object) -> Jud
         "base_url": server.base_url,
         "model": "judge-test",
         "seed": 7,
-        "backoff_initial_s": 0.01,
-        "backoff_max_s": 0.05,
         "timeout_s": 5.0,
         "concurrency": 4,
         "cache_path": str(tmp_path / "judge-cache.jsonl"),
@@ -104,14 +104,6 @@ def test_harmonic_mean_arithmetic() -> None:
         harmonic_mean([])
     with pytest.raises(ValueError):
         harmonic_mean([-1, 2])
-
-
-def test_backoff_delay_is_exponential_capped_and_honours_retry_after() -> None:
-    assert [backoff_delay(a, 1.0, 30.0) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
-    assert backoff_delay(10, 1.0, 30.0) == 30.0
-    assert backoff_delay(1, 1.0, 30.0, retry_after_s=5.0) == 5.0
-    assert backoff_delay(1, 1.0, 30.0, retry_after_s=500.0) == 30.0
-    assert backoff_delay(2, 1.0, 30.0, jitter=0.25) == pytest.approx(2.5)
 
 
 def test_config_from_dict_rejects_unknown_keys_and_bad_values() -> None:
@@ -195,31 +187,45 @@ def test_power_seeking_scores_statuses_and_recorded_metadata(server: JudgeServer
     assert report.summary()["n_unparsable"] == 2
 
 
-def test_retries_server_errors_with_exponential_backoff(server: JudgeServer, tmp_path: Path) -> None:
+def test_retries_server_errors_with_backoff(server: JudgeServer, tmp_path: Path) -> None:
     server.fail_next(2, status=500)
-    sleeps: list[float] = []
-    with Judge(make_config(server, tmp_path, concurrency=1), sleep=sleeps.append) as judge:
+    with Judge(make_config(server, tmp_path, concurrency=1)) as judge:
         report = judge.score(POWER_SEEKING, power_items("<<score=3>>"))
     assert report.scores == [3] and report.results[0].status == "ok"
     assert server.request_count == 3 == report.n_requests
-    assert len(sleeps) == 2
-    assert 0.01 <= sleeps[0] <= 0.0125 and 0.02 <= sleeps[1] <= 0.025  # 2× per try, up to 25 % jitter
+    gaps = [later - earlier for earlier, later in itertools.pairwise(server.arrivals)]
+    assert all(gap >= 0.1 for gap in gaps), gaps  # the client waited before each retry
 
 
-def test_rate_limit_honours_retry_after_within_the_cap(server: JudgeServer, tmp_path: Path) -> None:
-    server.fail_next(1, status=429, retry_after=0.03)
-    server.fail_next(1, status=429, retry_after=100)
-    sleeps: list[float] = []
-    with Judge(make_config(server, tmp_path, concurrency=1), sleep=sleeps.append) as judge:
+def test_rate_limit_honours_retry_after(server: JudgeServer, tmp_path: Path) -> None:
+    server.fail_next(1, status=429, retry_after=1.0)  # longer than the client's own first wait (≤ 0.5 s)
+    with Judge(make_config(server, tmp_path, concurrency=1)) as judge:
         report = judge.score(POWER_SEEKING, power_items("<<score=2>>"))
-    assert report.scores == [2] and server.request_count == 3
-    assert 0.03 <= sleeps[0] <= 0.0375 and 0.05 <= sleeps[1] <= 0.0625  # Retry-After, capped at backoff_max_s
+    assert report.scores == [2] and server.request_count == 2 == report.n_requests
+    assert server.arrivals[1] - server.arrivals[0] >= 0.95
+
+
+def test_max_attempts_bounds_the_tries(server: JudgeServer, tmp_path: Path) -> None:
+    server.fail_next(5, status=500)
+    with Judge(make_config(server, tmp_path, max_attempts=1)) as judge:
+        report = judge.score(POWER_SEEKING, power_items("<<score=3>>"))
+    failed = report.results[0]
+    assert failed.status == "failed" and failed.error == 'HTTP 500: {"error": {"message": "scripted failure 500"}}'
+    assert server.request_count == 1 == report.n_requests
+
+
+def test_retired_backoff_settings_still_load_but_warn(server: JudgeServer, tmp_path: Path) -> None:
+    config = from_dict(JudgeConfig, {"backoff_initial_s": 0.5, "backoff_max_s": 5.0}, where="eval.judge")
+    with pytest.warns(DeprecationWarning, match="backoff_initial_s and backoff_max_s are no longer used"):
+        Judge(dataclasses.replace(config, base_url=server.base_url, progress=False)).close()
+    with pytest.warns(DeprecationWarning, match="sleep"):
+        Judge(make_config(server, tmp_path), sleep=lambda s: None).close()
 
 
 def test_failure_after_all_tries_scores_zero_counts_and_is_not_cached(server: JudgeServer, tmp_path: Path) -> None:
     config = make_config(server, tmp_path, max_attempts=3)
     items = power_items("<<score=4>>", "<<status=503>>")
-    with Judge(config, sleep=lambda s: None) as judge:
+    with Judge(config) as judge:
         report = judge.score(POWER_SEEKING, items)
     assert report.scores == [4, 0]
     failed = report.results[1]
@@ -227,13 +233,13 @@ def test_failure_after_all_tries_scores_zero_counts_and_is_not_cached(server: Ju
     assert "HTTP 503" in (failed.error or "") and "after 3 tries" in (failed.error or "")
     assert (report.n_failed, report.n_requests) == (1, 1 + 3)
     # A later run pays again only for the failure, never for the answer it already has.
-    with Judge(config, sleep=lambda s: None) as judge:
+    with Judge(config) as judge:
         again = judge.score(POWER_SEEKING, items)
     assert again.n_requests == 3 and again.results[0].cached and not again.results[1].cached
 
 
 def test_client_errors_other_than_auth_are_not_retried(server: JudgeServer, tmp_path: Path) -> None:
-    with Judge(make_config(server, tmp_path), sleep=lambda s: None) as judge:
+    with Judge(make_config(server, tmp_path)) as judge:
         report = judge.score(POWER_SEEKING, power_items("<<status=400>>"))
     assert report.results[0].status == "failed" and "HTTP 400" in (report.results[0].error or "")
     assert server.request_count == 1
@@ -241,9 +247,9 @@ def test_client_errors_other_than_auth_are_not_retried(server: JudgeServer, tmp_
 
 def test_timeouts_are_retried(server: JudgeServer, tmp_path: Path) -> None:
     server.hang_next(1, seconds=1.0)
-    with Judge(make_config(server, tmp_path, timeout_s=0.3), sleep=lambda s: None) as judge:
+    with Judge(make_config(server, tmp_path, timeout_s=0.3)) as judge:
         report = judge.score(POWER_SEEKING, power_items("<<score=3>>"))
-    assert report.scores == [3] and server.request_count == 2
+    assert report.scores == [3] and server.request_count == 2 == report.n_requests
 
 
 def test_connection_refused_fails_after_bounded_tries(tmp_path: Path) -> None:
@@ -252,11 +258,11 @@ def test_connection_refused_fails_after_bounded_tries(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     config = JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", cache_path=str(tmp_path / "c.jsonl"),
                          progress=False)
-    sleeps: list[float] = []
-    with Judge(config, sleep=sleeps.append) as judge:
+    with Judge(config) as judge:
         report = judge.score(POWER_SEEKING, power_items("<<score=3>>"))
     assert report.results[0].status == "failed" and "connection error" in (report.results[0].error or "")
-    assert report.n_requests == 3 and len(sleeps) == 2
+    assert "after 3 tries" in (report.results[0].error or "")
+    assert report.n_requests == 3
 
 
 def test_wrong_api_key_raises_a_clear_error_without_retrying(tmp_path: Path) -> None:
@@ -271,13 +277,20 @@ def test_wrong_api_key_raises_a_clear_error_without_retrying(tmp_path: Path) -> 
         with Judge(make_config(server, tmp_path, api_key="right-key")) as judge:
             report = judge.score(POWER_SEEKING, power_items("<<score=1>>"))
         assert report.scores == [1]
-        assert server.headers[-1]["Authorization"] == "Bearer right-key"
+        sent = {name.lower(): value for name, value in server.headers[-1].items()}  # names are case-blind
+        assert sent["authorization"] == "Bearer right-key"
 
 
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "env-key")
     with JudgeServer(api_key="env-key") as server, Judge(make_config(server, tmp_path)) as judge:
         assert judge.score(POWER_SEEKING, power_items("<<score=2>>")).scores == [2]
+
+
+def test_no_api_key_sends_no_authorization_header(server: JudgeServer, tmp_path: Path) -> None:
+    with Judge(make_config(server, tmp_path)) as judge:
+        assert judge.score(POWER_SEEKING, power_items("<<score=2>>")).scores == [2]
+    assert "authorization" not in {name.lower() for name in server.headers[-1]}
 
 
 def test_wrong_base_url_raises(server: JudgeServer, tmp_path: Path) -> None:

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import httpx
 import openai
+import prometheus_client
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -267,9 +269,16 @@ def test_models_health_and_metrics(tiny):
     health = httpx.get(tiny.server.url + "/health").json()
     assert health["status"] == "ok" and health["updates"] == ["down", "late", "lora", "up"]
     tiny.client.completions.create(model=TINY, prompt="abc", max_tokens=3, temperature=0)
-    metrics = httpx.get(tiny.server.url + "/metrics").json()
+    metrics = httpx.get(tiny.server.url + "/metrics?format=json").json()
     assert metrics["requests"]["succeeded"] >= 1 and metrics["generator"]["completion_tokens"] >= 3
     assert metrics["generator"]["tokens_per_second_busy"] > 0
+    scraped = httpx.get(tiny.server.url + "/metrics")
+    assert scraped.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(scraped.text) for s in family.samples}
+    assert samples[("unisteer_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] >= 1
+    assert samples[("unisteer_tokens_generated_total", ())] >= 3
+    assert httpx.get(tiny.server.url + "/metrics?format=xml").status_code == 400
 
 
 def test_plain_and_zero_multiplier_equal_model_generate(tiny):

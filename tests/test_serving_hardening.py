@@ -9,8 +9,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import prometheus_client
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from test_serving import TINY, Served, start_tiny, user, wait_until, write_tiny_updates
 from tiny_models import tiny_model
@@ -49,6 +51,9 @@ def served(updates_dir):
         yield server
 
 
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
 def post(served: Served, path: str, body, *, key: str | None = "s3cret", timeout: float = 60) -> httpx.Response:
     headers = {"Content-Type": "application/json"}
     if key is not None:
@@ -70,6 +75,8 @@ def test_api_key_is_required_on_v1_and_metrics(served):
         reply = post(served, "/chat/completions", body, key=key)
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(served.server.url + "/metrics").status_code == 401
+    assert httpx.get(served.server.url + "/metrics?format=json").status_code == 401
+    assert httpx.get(served.server.url + "/metrics", headers=AUTH).status_code == 200
     assert httpx.get(served.server.url + "/health").status_code == 200  # liveness stays open
     assert post(served, "/chat/completions", body).status_code == 200
     assert ServerConfig(host="0.0.0.0").loopback_only is False and ServerConfig().loopback_only
@@ -131,13 +138,72 @@ def test_non_streaming_disconnect_is_seen_while_tokens_flow(updates_dir):
 def test_counters_add_up(served):
     post(served, "/chat/completions", {"model": TINY, "messages": user("x"), "max_tokens": 2})
     post(served, "/chat/completions", {"model": "nope", "messages": user("x")})
-    httpx.get(served.server.base_url + "/models/nope", headers={"Authorization": "Bearer s3cret"})
-    with httpx.stream("POST", served.server.base_url + "/chat/completions", headers={"Authorization": "Bearer s3cret"},
+    httpx.get(served.server.base_url + "/models/nope", headers=AUTH)
+    with httpx.stream("POST", served.server.base_url + "/chat/completions", headers=AUTH,
                       json={"model": TINY, "messages": user("go"), "max_tokens": 50, "stream": True}) as response:
         next(response.iter_lines())  # then hang up mid-stream
     wait_until(lambda: served.state.in_flight == 0)
-    metrics = httpx.get(served.server.url + "/metrics", headers={"Authorization": "Bearer s3cret"}).json()
+    metrics = httpx.get(served.server.url + "/metrics?format=json", headers=AUTH).json()
     requests = metrics["requests"]
     assert requests["received"] == requests["succeeded"] + sum(requests["errors_by_status"].values()) \
         + metrics["requests_in_flight"]
     assert requests["other_errors_by_status"].get("404", 0) >= 1  # GET /v1/models/nope is not a completion
+
+
+def scrape(served: Served) -> dict[tuple[str, frozenset], float]:
+    """The Prometheus text of /metrics, parsed: (sample name, labels) → value."""
+    reply = httpx.get(served.server.url + "/metrics", headers=AUTH)
+    assert reply.status_code == 200 and reply.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(reply.text) for sample in family.samples}
+
+
+def total(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """The sum of `name` over the samples whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(value for (sample, got), value in samples.items() if sample == name and wanted <= got)
+
+
+def test_prometheus_text_counts_add_up(served):
+    chat, completions = "/v1/chat/completions", "/v1/completions"
+    before = scrape(served)
+    plain = post(served, "/chat/completions", {"model": TINY, "messages": user("x"), "max_tokens": 3})
+    assert plain.status_code == 200
+    assert post(served, "/chat/completions", {"model": "nope", "messages": user("x")}).status_code == 404
+    assert post(served, "/completions", b"{not json").status_code == 400
+    assert post(served, "/chat/completions", {"model": TINY, "messages": user("x")}, key="wrong").status_code == 401
+    with httpx.stream("POST", served.server.base_url + "/completions", headers=AUTH, timeout=60,
+                      json={"model": f"{TINY}+up@1", "prompt": "ab", "max_tokens": 4, "stream": True,
+                            "stream_options": {"include_usage": True}}) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    streamed_usage = json.loads(events[-2])["usage"]
+    wait_until(lambda: served.state.in_flight == 0)
+    after = scrape(served)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert delta("unisteer_requests_received_total", endpoint=chat) == 2
+    assert delta("unisteer_requests_received_total", endpoint=completions) == 2
+    assert delta("unisteer_requests_total", endpoint=chat, status="200") == 1
+    assert delta("unisteer_requests_total", endpoint=chat, status="404") == 1
+    assert delta("unisteer_requests_total", endpoint=completions, status="400") == 1
+    assert delta("unisteer_requests_total", endpoint=completions, status="200") == 1
+    assert delta("unisteer_other_errors_total", status="401") == 1  # refused before it reached an endpoint
+    for endpoint in (chat, completions):  # every ended request was timed
+        assert delta("unisteer_request_duration_seconds_count", endpoint=endpoint) == 2
+    assert delta("unisteer_completion_tokens_total") == plain.json()["usage"]["completion_tokens"] \
+        + streamed_usage["completion_tokens"]
+    assert delta("unisteer_prompt_tokens_total") == plain.json()["usage"]["prompt_tokens"] \
+        + streamed_usage["prompt_tokens"]
+    assert delta("unisteer_tokens_generated_total") >= delta("unisteer_completion_tokens_total")
+    # Since the server started: received = ended + in flight, and the JSON view holds the same numbers.
+    assert total(after, "unisteer_requests_in_flight") == 0
+    assert total(after, "unisteer_requests_received_total") == total(after, "unisteer_requests_total")
+    assert total(after, "unisteer_request_duration_seconds_count") == total(after, "unisteer_requests_total")
+    assert total(after, "unisteer_queue_rows") == 0 and total(after, "unisteer_batches_total") >= 1
+    requests = httpx.get(served.server.url + "/metrics?format=json", headers=AUTH).json()["requests"]
+    assert requests["received"] == total(after, "unisteer_requests_received_total")
+    assert requests["succeeded"] == total(after, "unisteer_requests_total", status="200")
+    assert requests["completion_tokens"] == total(after, "unisteer_completion_tokens_total")

@@ -1,12 +1,15 @@
 """LLM judge: rubric-scored ratings from any OpenAI-compatible chat endpoint (SPEC §7).
 
 A `Judge` renders each item with a `Rubric` into chat messages, sends them to `<base_url>/chat/completions`
-at temperature 0 with a fixed seed, and parses the final "Rating: [[score]]" line of the reply.
+through the `openai` client at temperature 0 with a fixed seed, and parses the final "Rating: [[score]]" line
+of the reply.
 
 Robustness choices, each because a long evaluation run must neither crash late nor pay twice:
-- bounded retries with exponential backoff (plus jitter, so parallel workers hit by one 429 do not retry
-  in lockstep) on 408/409/429/5xx, timeouts and connection errors; after the last try the item scores 0 and
-  is counted as failed (paper: up to 3 tries, failure → 0);
+- bounded retries on 408/409/429/5xx, timeouts and connection errors, done by the `openai` client
+  (`max_retries = max_attempts - 1`, its exponential backoff with jitter, honouring the server's
+  Retry-After up to the client's own limit); each try's HTTP request is counted (`n_requests`) by an httpx
+  event hook on the client's connection pool; after the last try the item scores 0 and is counted as failed (paper: up to 3 tries,
+  failure → 0). Other client errors (e.g. 400 prompt too long) fail the item at once;
 - authentication errors (401/403) and a missing endpoint or model (404) stop the run at once with a clear
   error, since every further request would fail the same way;
 - every successful reply is appended to a JSONL cache as soon as it arrives, keyed by a hash of the request
@@ -26,9 +29,8 @@ import hashlib
 import json
 import math
 import os
-import random
 import threading
-import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import openai
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, JudgeAuthError, JudgeError
@@ -63,13 +66,6 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-4.1-mini"  # the paper's judge
 
 
-# Statuses that a later try can fix (the same set the openai client retries).
-RETRYABLE_STATUS = frozenset({408, 409, 429})
-
-
-AUTH_STATUS = frozenset({401, 403})
-
-
 ParseStatus = Literal["ok", "unparsable", "failed"]
 
 
@@ -81,6 +77,10 @@ class JudgeConfig:
     UNISTEER_JUDGE_BASE_URL (then OPENAI_BASE_URL, then the OpenAI API), UNISTEER_JUDGE_MODEL (then
     gpt-4.1-mini, the paper's judge), UNISTEER_JUDGE_API_KEY (then OPENAI_API_KEY; none is fine for local
     servers). `cache_path` None means `$UNISTEER_CACHE/judge/responses.jsonl`.
+
+    `max_attempts` and `timeout_s` (per try) go to the `openai` client, which also chooses the waits between
+    tries. `backoff_initial_s` and `backoff_max_s` are still accepted so that existing configs load, but no
+    longer used (a `Judge` warns when they are set).
     """
 
     base_url: str | None = None
@@ -90,8 +90,8 @@ class JudgeConfig:
     seed: int | None = 0
     max_tokens: int = 512
     max_attempts: int = 3
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 30.0
+    backoff_initial_s: float = 1.0  # unused: the openai client waits between tries
+    backoff_max_s: float = 30.0  # unused, like backoff_initial_s
     timeout_s: float = 60.0
     concurrency: int = 8
     cache_path: str | None = None
@@ -312,26 +312,6 @@ class AxBenchReport:
         return dataclasses.asdict(self)
 
 
-def backoff_delay(attempt: int, initial_s: float, max_s: float, retry_after_s: float | None = None,
-                  jitter: float = 0.0) -> float:
-    """Seconds to wait after failed try number `attempt` (1-based): initial·2^(attempt−1), at least the
-    server's Retry-After, capped at `max_s`, then stretched by the fraction `jitter`."""
-    delay = initial_s * 2 ** (attempt - 1)
-    if retry_after_s is not None:
-        delay = max(delay, retry_after_s)
-    return min(delay, max_s) * (1.0 + jitter)
-
-
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:  # an HTTP date; rare for APIs, and the exponential backoff is a fine fallback
-        return None
-
-
 @dataclass
 class _Reply:
     text: str | None  # None when every try failed
@@ -339,9 +319,9 @@ class _Reply:
     attempts: int
 
 
-def _reply_text(response: httpx.Response) -> str:
-    """The assistant text of a chat-completions response; raises ValueError/KeyError/... when malformed."""
-    content = response.json()["choices"][0]["message"]["content"]
+def _reply_text(completion: Any) -> str:
+    """The assistant text of a chat completion; raises AttributeError/IndexError/TypeError when malformed."""
+    content = completion.choices[0].message.content
     if content is None:  # e.g. a refusal: a real answer that just has no rating in it
         return ""
     if not isinstance(content, str):
@@ -353,22 +333,37 @@ class Judge:
     """Scores items with rubrics against one OpenAI-compatible endpoint. Use as a context manager or call
     `close()`; safe to reuse across many `score` calls (the cache and connection pool are shared).
 
-    `sleep` is the function used to wait between retries (tests pass a recorder).
+    Requests go through one `openai.OpenAI` client, which retries and waits between tries. `sleep` is no
+    longer used (accepted for compatibility; passing it warns).
     """
 
-    def __init__(self, config: JudgeConfig | None = None, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, config: JudgeConfig | None = None, *, sleep: Callable[[float], None] | None = None) -> None:
         self.config = (config or JudgeConfig()).resolved()
         self.base_url: str = self.config.base_url or DEFAULT_BASE_URL  # resolved() always sets both
         self.model: str = self.config.model or DEFAULT_MODEL
         self.cache = ResponseCache(self.config.resolved_cache_path())
-        self._sleep = sleep
-        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
-        self._client = httpx.Client(
-            headers=headers,
+        if sleep is not None:
+            warnings.warn("Judge(sleep=...) is ignored: the openai client waits between retries",
+                          DeprecationWarning, stacklevel=2)
+        if (self.config.backoff_initial_s, self.config.backoff_max_s) != (JudgeConfig.backoff_initial_s,
+                                                                         JudgeConfig.backoff_max_s):
+            warnings.warn("judge config: backoff_initial_s and backoff_max_s are no longer used; the openai "
+                          "client chooses the waits between tries (honouring Retry-After)",
+                          DeprecationWarning, stacklevel=2)
+        self._tries = threading.local()  # HTTP requests sent for the item this thread is fetching
+        self._http = httpx.Client(
             timeout=httpx.Timeout(self.config.timeout_s),
             limits=httpx.Limits(
                 max_connections=self.config.concurrency, max_keepalive_connections=self.config.concurrency
             ),
+            event_hooks={"request": [self._on_request]},
+        )
+        self._client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=self.config.api_key or "none",  # the client needs one; _on_request drops a placeholder
+            max_retries=self.config.max_attempts - 1,
+            timeout=self.config.timeout_s,
+            http_client=self._http,
         )
         self._url = f"{self.base_url}/chat/completions"
 
@@ -380,6 +375,7 @@ class Judge:
 
     def close(self) -> None:
         self._client.close()
+        self._http.close()
 
     # -- public ---------------------------------------------------------------------------------------
 
@@ -472,7 +468,7 @@ class Judge:
         if stop.is_set():
             return _Reply(None, "cancelled", 0)
         try:
-            reply = self._post_with_retries(messages, stop)
+            reply = self._request(messages)
         except JudgeError:
             # Set here, in the worker, so it cannot pick up the next queued request before the caller reacts.
             stop.set()
@@ -492,40 +488,38 @@ class Judge:
             payload["seed"] = self.config.seed
         return payload
 
-    def _post_with_retries(self, messages: list[dict[str, str]], stop: threading.Event) -> _Reply:
-        payload = self._payload(messages)
-        error = "not attempted"
-        for attempt in range(1, self.config.max_attempts + 1):
-            retry_after: float | None = None
-            try:
-                response = self._client.post(self._url, json=payload)
-            except httpx.TimeoutException as exc:
-                error = f"timeout after {self.config.timeout_s:g} s ({type(exc).__name__})"
-            except httpx.RequestError as exc:  # connection refused/reset, protocol or body-decoding errors
-                error = f"connection error: {type(exc).__name__}: {exc}"
-            else:
-                status = response.status_code
-                if status == 200:
-                    try:
-                        return _Reply(_reply_text(response), None, attempt)
-                    except (ValueError, KeyError, IndexError, TypeError) as exc:
-                        error = f"malformed response: {type(exc).__name__}: {exc}"
-                else:
-                    self._raise_if_fatal(response)
-                    error = f"HTTP {status}: {_body_excerpt(response)}"
-                    if status not in RETRYABLE_STATUS and status < 500:
-                        return _Reply(None, error, attempt)  # e.g. 400 prompt too long: the same next time
-                    retry_after = _retry_after_seconds(response)
-            if attempt < self.config.max_attempts and not stop.is_set():
-                self._sleep(backoff_delay(attempt, self.config.backoff_initial_s, self.config.backoff_max_s,
-                                          retry_after, jitter=random.uniform(0.0, 0.25)))
-            if stop.is_set():
-                return _Reply(None, error, attempt)
-        return _Reply(None, f"{error} (after {self.config.max_attempts} tries)", self.config.max_attempts)
+    def _on_request(self, request: httpx.Request) -> None:
+        """Called by httpx in the sending thread before every try, retries included."""
+        self._tries.count = getattr(self._tries, "count", 0) + 1
+        if not self.config.api_key:
+            request.headers.pop("Authorization", None)  # no key: send none, as a keyless local server expects
 
-    def _raise_if_fatal(self, response: httpx.Response) -> None:
-        status = response.status_code
-        if status in AUTH_STATUS:
+    def _request(self, messages: list[dict[str, str]]) -> _Reply:
+        """One item's reply; the client retries 408/409/429/5xx, timeouts and connection errors."""
+        self._tries.count = 0
+        try:
+            completion = self._client.chat.completions.create(**self._payload(messages))
+        except openai.APIStatusError as exc:
+            self._raise_if_fatal(exc)
+            error = f"HTTP {exc.status_code}: {_body_excerpt(exc.response)}"  # e.g. 400 prompt too long
+        except openai.APITimeoutError:
+            error = f"timeout after {self.config.timeout_s:g} s"
+        except openai.APIConnectionError as exc:  # connection refused/reset, protocol errors
+            cause = exc.__cause__ or exc
+            error = f"connection error: {type(cause).__name__}: {cause}"
+        except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
+            error = f"malformed response: {type(exc).__name__}: {exc}"
+        else:
+            try:
+                return _Reply(_reply_text(completion), None, self._tries.count)
+            except (AttributeError, IndexError, KeyError, TypeError) as exc:
+                error = f"malformed response: {type(exc).__name__}: {exc}"
+        tries = self._tries.count
+        return _Reply(None, f"{error} (after {tries} tries)" if tries > 1 else error, tries)
+
+    def _raise_if_fatal(self, exc: openai.APIStatusError) -> None:
+        status, response = exc.status_code, exc.response
+        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
             key_hint = (
                 f"set {ENV_API_KEY} (or {ENV_OPENAI_API_KEY}) or api_key in the judge config"
                 if not self.config.api_key
@@ -534,12 +528,12 @@ class Judge:
             raise JudgeAuthError(
                 f"judge endpoint {self._url} refused the request with HTTP {status} "
                 f"({_body_excerpt(response)}); {key_hint}"
-            )
-        if status == 404:
+            ) from None
+        if isinstance(exc, openai.NotFoundError):
             raise JudgeError(
                 f"judge endpoint {self._url} answered HTTP 404 ({_body_excerpt(response)}); check the base "
                 f"URL ({ENV_BASE_URL}, usually ending in /v1) and the model name {self.model!r} ({ENV_MODEL})"
-            )
+            ) from None
 
 
 def _body_excerpt(response: httpx.Response, limit: int = 300) -> str:

@@ -1,7 +1,9 @@
 """A steered OpenAI-compatible HTTP server: `unisteer serve --model M --updates DIR`.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both streaming over SSE and
-not), `GET /health`, `GET /metrics`. Each request may steer with any loaded updates at its own multipliers
+not), `GET /health`, and `GET /metrics`: Prometheus text exposition format, or the JSON counts with
+`GET /metrics?format=json` (names and meanings in `serving.metrics`). With an API key set, /v1 and /metrics
+both require it; /health stays open. Each request may steer with any loaded updates at its own multipliers
 (see `serving_protocol` for the two ways to ask); requests with different steering share batches without
 affecting each other (see `serving_engine`).
 
@@ -28,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from ..engine.storage import load_update
 from ..engine.updates import Update
 from ..errors import ConfigError, UnisteerError
 from .batching import BatchGenerator, GeneratorConfig, QueueFullError, RowEvent, RowJob, ServerClosingError
+from .metrics import ENDPOINTS, PROMETHEUS_CONTENT_TYPE, LiveValues, RequestCounters, ServerMetrics
 from .protocol import (
     ApiError,
     Choice,
@@ -139,27 +142,6 @@ def load_updates_dir(directory: str | Path | None, model: nn.Module,
 
 
 # -- the app -------------------------------------------------------------------------------------------------
-@dataclass
-class RequestCounters:
-    """Completion-request counts (the event loop is the only writer).
-
-    Every completion request received ends in exactly one of: succeeded, an error status (499 when its client
-    left first), or still in flight — so `received = succeeded + sum(errors_by_status) + in_flight`. Errors of
-    other endpoints (unknown paths, authentication) are counted apart, in `other_errors_by_status`.
-    """
-
-    received: int = 0
-    succeeded: int = 0
-    errors_by_status: dict[str, int] = field(default_factory=dict)
-    other_errors_by_status: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def count_error(self, status: int, *, completion: bool = True) -> None:
-        table = self.errors_by_status if completion else self.other_errors_by_status
-        table[str(status)] = table.get(str(status), 0) + 1
-
-
 class ServerState:
     """What the route handlers share: the generator, the limits, the names, the counters."""
 
@@ -186,9 +168,17 @@ class ServerState:
             default_temperature=config.default_temperature,
             max_choices=config.max_choices,
         )
-        self.counters = RequestCounters()
         self.started_at = time.time()
         self.in_flight = 0
+        self.telemetry = ServerMetrics(self._live_values, self.started_at)
+
+    @property
+    def counters(self) -> RequestCounters:
+        return self.telemetry.counters
+
+    def _live_values(self) -> LiveValues:
+        return LiveValues(in_flight=self.in_flight, queue_rows=len(self.generator.queue),
+                          generator=self.generator.stats.snapshot())
 
     def model_cards(self) -> list[dict[str, Any]]:
         created = int(self.started_at)
@@ -203,14 +193,33 @@ class ServerState:
         return cards
 
     def metrics(self) -> dict[str, Any]:
-        counters = asdict(self.counters)
-        uptime = time.time() - self.started_at
-        return {"uptime_seconds": round(uptime, 1), "requests": counters, "requests_in_flight": self.in_flight,
-                "queue_rows": len(self.generator.queue), "generator": self.generator.stats.snapshot(),
-                "completion_tokens_per_second_since_start": round(self.counters.completion_tokens / uptime, 2)}
+        """The JSON of `GET /metrics?format=json`."""
+        return self.telemetry.json()
+
+    def end_request(self, request: Request, status: int) -> None:
+        """Count an error answer to `request`: as the end of a completion request if `_complete` received it
+        (and nothing ended it yet), else as an error of another request."""
+        received = getattr(request.state, "unisteer_completion", None)
+        if received is None:
+            self.telemetry.other_error(status)
+        else:
+            received.end(self, status)
 
 
-_COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+@dataclass
+class _Received:
+    """A completion request counted as received; `end` counts how it ended, once (later calls do nothing)."""
+
+    endpoint: str
+    started: float
+    prompt_tokens: int = 0
+    ended: bool = False
+
+    def end(self, state: ServerState, status: int, *, completion_tokens: int = 0) -> None:
+        if not self.ended:
+            self.ended = True
+            state.telemetry.end(self.endpoint, status, self.started, prompt_tokens=self.prompt_tokens,
+                                completion_tokens=completion_tokens)
 
 
 class _BearerAuth:
@@ -229,7 +238,7 @@ class _BearerAuth:
             header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                self.state.counters.count_error(401, completion=False)
+                self.state.telemetry.other_error(401)
                 response = JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
                                                    "invalid_request_error", code="invalid_api_key"), status_code=401)
                 await response(scope, receive, send)
@@ -258,13 +267,13 @@ def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = N
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        state.counters.count_error(exc.status, completion=request.url.path in _COMPLETION_PATHS)
+        state.end_request(request, exc.status)
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        state.counters.count_error(exc.status_code, completion=request.url.path in _COMPLETION_PATHS)
+        state.end_request(request, exc.status_code)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(error_body(message, kind), status_code=exc.status_code)
@@ -273,7 +282,7 @@ def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = N
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not the client's fault: still an OpenAI-style JSON error, and counted.
         _log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        state.counters.count_error(500, completion=request.url.path in _COMPLETION_PATHS)
+        state.end_request(request, 500)
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
     @app.get("/health")
@@ -289,8 +298,13 @@ def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = N
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics")
-    async def metrics() -> JSONResponse:
-        return JSONResponse(state.metrics())
+    async def metrics(format: str = "prometheus") -> Response:
+        if format == "json":
+            return JSONResponse(state.metrics())
+        if format != "prometheus":
+            raise ApiError(400, f"GET /metrics: format must be 'prometheus' (the default) or 'json', got {format!r}",
+                           param="format")
+        return Response(state.telemetry.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
@@ -315,7 +329,9 @@ def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = N
 
 
 async def _complete(state: ServerState, kind: str, request: Request) -> Response:
-    state.counters.received += 1
+    endpoint = ENDPOINTS[kind]
+    received = _Received(endpoint, state.telemetry.receive(endpoint))
+    request.state.unisteer_completion = received  # so that the error handlers count its end
     limit = state.config.max_request_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # refuse before reading a huge body into memory
@@ -325,7 +341,7 @@ async def _complete(state: ServerState, kind: str, request: Request) -> Response
         raise ApiError(413, f"the request body has {len(raw)} bytes; this server accepts at most {limit}")
     parsed = parse_request(kind, parse_json_body(raw), base_model=state.base_model,
                            update_names=list(state.updates), renderer=state.renderer, limits=state.limits)
-    submission = _Submission(parsed)
+    submission = _Submission(parsed, received)
     try:
         state.generator.submit(submission.rows)
     except QueueFullError as exc:
@@ -339,12 +355,12 @@ async def _complete(state: ServerState, kind: str, request: Request) -> Response
     try:
         choices = await submission.collect(request)
     except _ClientGone:
-        state.counters.count_error(_CLIENT_CLOSED_REQUEST)
+        received.end(state, _CLIENT_CLOSED_REQUEST)
         return Response(status_code=_CLIENT_CLOSED_REQUEST)  # nobody reads it; the connection is gone
     finally:
         submission.cancel()
         state.in_flight -= 1
-    _count_success(state, submission, choices)
+    received.end(state, 200, completion_tokens=sum(c.completion_tokens for c in choices))
     return JSONResponse(full_response(parsed, submission.response_id, submission.created, choices,
                                       submission.prompt_tokens))
 
@@ -360,8 +376,8 @@ class _ClientGone(Exception):
 class _Submission:
     """The rows of one request and the asyncio queue their events arrive on from the worker thread."""
 
-    def __init__(self, parsed: ParsedRequest):
-        self.parsed = parsed
+    def __init__(self, parsed: ParsedRequest, received: _Received):
+        self.parsed, self.received = parsed, received
         self.response_id = new_response_id(parsed.kind)
         self.created = now()
         self.events: asyncio.Queue[RowEvent] = asyncio.Queue()
@@ -370,7 +386,7 @@ class _Submission:
         self.rows = [RowJob(prompt_ids=prompt, sampling=parsed.sampling, multipliers=multipliers, sink=sink,
                             index=p * parsed.n + j, sample=j, seeded=parsed.seeded)
                      for p, prompt in enumerate(parsed.prompts) for j in range(parsed.n)]
-        self.prompt_tokens = sum(len(p) for p in parsed.prompts)
+        self.prompt_tokens = received.prompt_tokens = sum(len(p) for p in parsed.prompts)
 
     def cancel(self) -> None:
         """Let the worker drop rows nobody waits for any more (a no-op for finished rows)."""
@@ -421,7 +437,6 @@ async def _stream(state: ServerState, submission: _Submission) -> AsyncIterator[
     parsed, rid, created = submission.parsed, submission.response_id, submission.created
     pending = {row.index for row in submission.rows}
     completion_tokens = 0
-    ended = False  # counted as succeeded or as an error
     try:
         if parsed.kind == "chat":
             for index in sorted(pending):
@@ -429,8 +444,7 @@ async def _stream(state: ServerState, submission: _Submission) -> AsyncIterator[
         while pending:
             event = await submission.events.get()
             if event.error is not None:
-                state.counters.count_error(event.error_status)
-                ended = True
+                submission.received.end(state, event.error_status)
                 yield _sse(error_body(event.error, "server_error", code="generation_failed"))
                 return
             if event.text:
@@ -443,26 +457,17 @@ async def _stream(state: ServerState, submission: _Submission) -> AsyncIterator[
         if parsed.include_usage:
             yield _sse(usage_chunk(parsed, rid, created, submission.prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"
-        state.counters.succeeded += 1
-        ended = True
-        state.counters.prompt_tokens += submission.prompt_tokens
-        state.counters.completion_tokens += completion_tokens
+        submission.received.end(state, 200, completion_tokens=completion_tokens)
     finally:
-        # Runs on normal end and when the client disconnects (the generator is closed then).
-        if not ended:
-            state.counters.count_error(_CLIENT_CLOSED_REQUEST)
+        # Runs on normal end and when the client disconnects (the generator is closed then); a request that
+        # ended above is not counted again.
+        submission.received.end(state, _CLIENT_CLOSED_REQUEST)
         submission.cancel()
         state.in_flight -= 1
 
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _count_success(state: ServerState, submission: _Submission, choices: list[Choice]) -> None:
-    state.counters.succeeded += 1
-    state.counters.prompt_tokens += submission.prompt_tokens
-    state.counters.completion_tokens += sum(c.completion_tokens for c in choices)
 
 
 def _default_model_name(model: nn.Module) -> str:
