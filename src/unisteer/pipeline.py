@@ -8,10 +8,20 @@ work whose result is already on disk, and a training stage that was interrupted 
 checkpoint (or restarts, if it had none), so rerunning the same command resumes an interrupted run.
 
 The split, the layer and the rendering are decided once per run (`workflow`) and used by every stage.
+
+`executor` says where the stages run. `local` (the default): one process loads the model once and runs every
+stage in turn. `ray`: each cell's training, then its sweep and choice evaluation, run as Ray tasks (each loading
+the model itself, with `ray.num_cpus_per_cell` / `num_gpus_per_cell`), all writing the same folders of OUT; the
+driver then fits, summarises and reports exactly as the local executor does. Both call the same stage functions
+(`_load`, `_train_stage`, `_sweep_stage`, `_evaluate_stage`, `_finish`), so resuming works the same and the
+summary is the same. On a cluster of several machines OUT must be on storage every node sees at the same path.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +69,31 @@ class EvaluationConfig:
     max_pairs: int | None = None
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class RayConfig:
+    """Where and how `executor: ray` runs the cells' tasks.
+
+    address: None starts a local Ray on this machine (all its CPUs); "auto" joins the cluster this machine is
+    part of; "ray://HEAD:10001" connects to a remote cluster. Each task asks for `num_cpus_per_cell` CPUs and
+    `num_gpus_per_cell` GPUs (fractions allowed, e.g. 0.5 to place two cells on one GPU).
+    """
+
+    address: str | None = None
+    num_cpus_per_cell: float = 1
+    num_gpus_per_cell: float = 0
+
+    def __post_init__(self) -> None:
+        if self.address is not None and (not isinstance(self.address, str) or not self.address):
+            raise ConfigError(f"ray.address: expected null, 'auto' or 'ray://HOST:PORT', got {self.address!r}")
+        for name in ("num_cpus_per_cell", "num_gpus_per_cell"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"ray.{name}: expected a number >= 0, got {value!r}")
+
+
 @dataclass
 class RunConfig:
     data: str
@@ -77,8 +112,16 @@ class RunConfig:
     evaluate: EvaluationConfig = field(default_factory=EvaluationConfig)
     out: str = "results/run"
     seed: int = 42
+    executor: str = "local"  # "local" (this process) or "ray" (cells as Ray tasks; see RayConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor: {self.executor!r} is not one of {EXECUTORS}")
+        if isinstance(self.ray, dict):
+            self.ray = from_dict(RayConfig, self.ray, where="ray")
+        if not isinstance(self.ray, RayConfig):
+            raise ConfigError(f"ray: expected a mapping of RayConfig keys, got {self.ray!r}")
         self.cells = [c if isinstance(c, CellConfig) else from_dict(CellConfig, c, where=f"cells[{i}]")
                       for i, c in enumerate(self.cells)]
         if not self.cells:
@@ -111,64 +154,251 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
     """Run every stage for every cell; returns the path of the run report (OUT/report.html)."""
-    from .analysis.fits import fit_sweep
-    from .analysis.report import write_report
-    from .analysis.sweep import SweepConfig, run_sweep
-    from .data.rendering import PairEncoder
+    if config.executor == "ray":
+        return _run_with_ray(config, progress=progress)
+    run = _load(config, progress=progress, prepare=True)
+    trained = {cell.name: _train_stage(run, cell) for cell in config.cells}
+    updates = {name: t.update for name, t in trained.items()}
+    _sweep_stage(run, updates)
+    for name, update in [("vanilla", None), *updates.items()]:
+        _evaluate_stage(run, name, update)
+    return _finish(config, run.prepared, {name: t.seconds for name, t in trained.items()})
+
+
+# ---------------------------------------------------------------------------------------------- stages
+# The one implementation of each stage: the local executor calls them in this process, the Ray executor in
+# its tasks. Each skips what is already on disk, which is what makes a rerun resume.
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the driver needs from the run's preparation: the layer and dtype it reports, whether choice
+    evaluations exist for the dataset."""
+
+    layer: int
+    dtype: str
+    evaluates: bool
+
+
+@dataclass
+class _Loaded:
+    """A stage's working set: the model and what the run decided once (layer, data and its split, rendering)."""
+
+    config: RunConfig
+    out: Path
+    model: Any
+    tokenizer: Any
+    data: Any
+    rendering: Any
+    sweep_config: Any
+    prepared: Prepared
+    progress: bool
+
+
+def _load(config: RunConfig, *, progress: bool, prepare: bool = False) -> _Loaded:
+    """Load the model and the run's data. `prepare` (once per run, before any stage): also record the config and
+    the dataset; the rendering is measured on the first call and read back from OUT/rendering.json afterwards."""
+    from .analysis.sweep import SweepConfig
     from .engine.models import load_model
-    from .engine.updates import default_grid
-    from .run_report import write_run_report
-    from .workflow import (
-        evaluate_choices,
-        first_pairs,
-        load_data,
-        resolve_layer,
-        resolve_rendering,
-        train_cell,
-    )
+    from .workflow import load_data, resolve_layer, resolve_rendering
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     sweep_config = from_dict(SweepConfig, {**config.sweep, "progress": progress}, where="sweep")
-    write_json(out / "config.json", asdict(config))
+    if prepare:
+        write_json(out / "config.json", asdict(config))
     model, tokenizer = load_model(config.model, dtype=config.dtype)
     layer = resolve_layer(model, config.layer)
     data = load_data(config.data, data_dir=config.data_dir, fields=config.fields, split=config.split, model=model,
                      tokenizer=tokenizer, cache_dir=out / "cache")
-    write_json(out / "data.json", data.record())
+    if prepare:
+        write_json(out / "data.json", data.record())
     rendering = _run_rendering(out, model, tokenizer, config, data, resolve_rendering)
-
-    updates, timings = {}, {}
-    for cell in config.cells:
-        trained = train_cell(model, tokenizer, data, objective=cell.objective, form=cell.form, layer=layer,
-                             rendering=rendering, out_dir=out / "cells" / cell.name,
-                             overrides={**config.train, **cell.train}, seed=config.seed, name=cell.name,
-                             progress=progress)
-        updates[cell.name], timings[cell.name] = trained.update, trained.seconds
-
-    splits = {name: first_pairs(data.splits[name], config.sweep_max_pairs) for name in config.sweep_splits}
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    settings = {"model": config.model, "dtype": dtype, "layer": layer, "dataset": data.record()}
-    encoder = PairEncoder(tokenizer, rendering, max_length=sweep_config.max_length)
-    run_sweep(model, tokenizer, updates, splits, sweep_config, out / "sweep", encoder=encoder, settings=settings)
-    fits = fit_sweep(out / "sweep")
-    sweep_report = write_report(out / "sweep", fits=fits, title=f"unisteer sweep — {config.data}, layer {layer}")
+    evaluates = config.evaluate.enabled and data.choice_test is not None
+    return _Loaded(config, out, model, tokenizer, data, rendering, sweep_config, Prepared(layer, dtype, evaluates),
+                   progress)
 
+
+def _train_stage(run: _Loaded, cell: CellConfig):
+    """Train one cell into OUT/cells/<name>/ (a finished cell is loaded; an interrupted one continues)."""
+    from .workflow import train_cell
+
+    config = run.config
+    return train_cell(run.model, run.tokenizer, run.data, objective=cell.objective, form=cell.form,
+                      layer=run.prepared.layer, rendering=run.rendering, out_dir=run.out / "cells" / cell.name,
+                      overrides={**config.train, **cell.train}, seed=config.seed, name=cell.name,
+                      progress=run.progress)
+
+
+def _sweep_stage(run: _Loaded, updates: dict[str, Any]) -> None:
+    """Sweep `updates` (all cells, or one) into OUT/sweep/ (rows already there are skipped)."""
+    from .analysis.sweep import run_sweep
+    from .data.rendering import PairEncoder
+    from .workflow import first_pairs
+
+    config = run.config
+    splits = {name: first_pairs(run.data.splits[name], config.sweep_max_pairs) for name in config.sweep_splits}
+    settings = {"model": config.model, "dtype": run.prepared.dtype, "layer": run.prepared.layer,
+                "dataset": run.data.record()}
+    encoder = PairEncoder(run.tokenizer, run.rendering, max_length=run.sweep_config.max_length)
+    run_sweep(run.model, run.tokenizer, updates, splits, run.sweep_config, run.out / "sweep", encoder=encoder,
+              settings=settings)
+
+
+def _evaluate_stage(run: _Loaded, name: str, update) -> None:
+    """Choice evaluation of one cell's update (or of the plain model, `vanilla`) into OUT/eval/<name>.json."""
+    from .engine.updates import default_grid
+    from .workflow import evaluate_choices
+
+    config = run.config
+    path = run.out / "eval" / f"{name}.json"
+    if not run.prepared.evaluates or path.exists():
+        return
+    form = next((c.form for c in config.cells if c.name == name), None)
+    grid = [0.0] if form is None else config.evaluate.grids.get(form, default_grid(form))
+    result = evaluate_choices(run.model, run.tokenizer, run.data, update, grid, rendering=run.rendering,
+                              max_pairs=config.evaluate.max_pairs, progress=run.progress)
+    write_json(path, result.to_dict())
+
+
+def _finish(config: RunConfig, prepared: Prepared, timings: dict[str, float | None]) -> Path:
+    """Fit the sweep, write its report, the summary and the run report (no model needed: files only)."""
+    from .analysis.fits import fit_sweep
+    from .analysis.report import write_report
+    from .analysis.sweep import SweepConfig, order_updates
+    from .run_report import write_run_report
+
+    out = Path(config.out)
+    variant = from_dict(SweepConfig, config.sweep, where="sweep").variant
+    order_updates(out / "sweep", [cell.name for cell in config.cells])
+    fits = fit_sweep(out / "sweep")
+    sweep_report = write_report(out / "sweep", fits=fits,
+                                title=f"unisteer sweep — {config.data}, layer {prepared.layer}")
     evaluations: dict[str, dict[str, Any]] = {}
-    if config.evaluate.enabled and data.choice_test is not None:
-        grids = {c.name: config.evaluate.grids.get(c.form, default_grid(c.form)) for c in config.cells}
-        for name, update in [("vanilla", None), *updates.items()]:
-            path = out / "eval" / f"{name}.json"
-            if not path.exists():
-                result = evaluate_choices(model, tokenizer, data, update, grids.get(name, [0.0]),
-                                          rendering=rendering, max_pairs=config.evaluate.max_pairs,
-                                          progress=progress)
-                write_json(path, result.to_dict())
-            evaluations[name] = read_json(path)
-    summary = _summary(config, dtype, layer, timings, fits, evaluations, sweep_config.variant)
+    if prepared.evaluates:
+        for name in ("vanilla", *(cell.name for cell in config.cells)):
+            evaluations[name] = read_json(out / "eval" / f"{name}.json")
+    summary = _summary(config, prepared.dtype, prepared.layer, timings, fits, evaluations, variant)
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", _summary_markdown(summary))
     return write_run_report(out, summary, fits, sweep_report=sweep_report)
+
+
+# ---------------------------------------------------------------------------------------------- Ray executor
+# Task bodies: module-level functions (Ray ships them by reference), each loading the model once for itself.
+
+
+def _prepare_task(config: RunConfig) -> Prepared:
+    return _load(config, progress=False, prepare=True).prepared
+
+
+def _train_task(config: RunConfig, name: str) -> float | None:
+    run = _load(config, progress=False)
+    return _train_stage(run, _cell(config, name)).seconds
+
+
+def _cell_task(config: RunConfig, name: str) -> None:
+    """Sweep and evaluate one trained cell (its update is read back from OUT/cells/<name>/update)."""
+    run = _load(config, progress=False)
+    update = _train_stage(run, _cell(config, name)).update
+    _sweep_stage(run, {name: update})
+    _evaluate_stage(run, name, update)
+
+
+def _vanilla_task(config: RunConfig) -> None:
+    _evaluate_stage(_load(config, progress=False), "vanilla", None)
+
+
+def _cell(config: RunConfig, name: str) -> CellConfig:
+    return next(cell for cell in config.cells if cell.name == name)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(f"executor: ray needs Ray, which is not installed ({exc}); install it with "
+                          "pip install 'unisteer[ray]'") from None
+    return ray
+
+
+def _run_with_ray(config: RunConfig, *, progress: bool) -> Path:
+    """Run the cells as Ray tasks: prepare once, then per cell train → (sweep + evaluate); then `_finish` here."""
+    ray = _import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        if config.ray.address is None:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        else:
+            ray.init(address=config.ray.address)
+    try:
+        return _ray_cells(ray, config, progress=progress)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ray_cells(ray, config: RunConfig, *, progress: bool) -> Path:
+    resources = {"num_cpus": config.ray.num_cpus_per_cell, "num_gpus": config.ray.num_gpus_per_cell}
+    prepare, train, sweep, vanilla = (ray.remote(f).options(**resources)
+                                      for f in (_prepare_task, _train_task, _cell_task, _vanilla_task))
+    began = time.perf_counter()
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[ray {time.perf_counter() - began:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    n = len(config.cells)
+    pending: dict[Any, tuple[str, str]] = {}
+    try:
+        say(f"preparing {config.out} (model, data, rendering)")
+        ref = prepare.remote(config)
+        pending[ref] = ("prepare", "")
+        prepared = _ray_get(ray, ref, pending)
+        del pending[ref]
+        for cell in config.cells:
+            pending[train.remote(config, cell.name)] = ("train", cell.name)
+        if prepared.evaluates:
+            pending[vanilla.remote(config)] = ("vanilla", "vanilla")
+        timings: dict[str, float | None] = {}
+        swept = 0
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            stage, name = pending[ref]
+            result = _ray_get(ray, ref, pending)
+            del pending[ref]
+            if stage == "train":
+                timings[name] = result
+                say(f"cell {name}: trained ({len(timings)}/{n})")
+                pending[sweep.remote(config, name)] = ("sweep", name)
+            elif stage == "sweep":
+                swept += 1
+                say(f"cell {name}: swept and evaluated ({swept}/{n})")
+            else:
+                say("vanilla: evaluated")
+    except KeyboardInterrupt:
+        _cancel(ray, pending)
+        raise
+    say("fitting and writing the report")
+    return _finish(config, prepared, timings)
+
+
+def _ray_get(ray, ref, pending: dict[Any, Any]):
+    """A task's result; a task's user error is raised as itself (the one-line message), the rest cancelled."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        _cancel(ray, {k: v for k, v in pending.items() if k != ref})
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UnisteerError):
+            raise cause from None
+        raise
+
+
+def _cancel(ray, pending: dict[Any, Any]) -> None:
+    for ref in pending:
+        ray.cancel(ref, force=True)  # a no-op for a task that finished meanwhile
 
 
 def _run_rendering(out: Path, model, tokenizer, config: RunConfig, data, resolve_rendering):
@@ -304,4 +534,4 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CellConfig", "EvaluationConfig", "RunConfig", "UnisteerError", "load_run_config", "run_pipeline"]
+__all__ = ["CellConfig", "EvaluationConfig", "RayConfig", "RunConfig", "UnisteerError", "load_run_config", "run_pipeline"]

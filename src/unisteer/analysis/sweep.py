@@ -18,6 +18,11 @@ refused rather than mixed in):
     out_dir/sweep.json                      settings, updates (with fingerprints), grids, split records
     out_dir/scores/<update>/<split>.jsonl   one row per (example, m): L_p, L_n, T_p, T_n, manifold metrics
     out_dir/manifold_reference.json         per split and layer: rank, explained variance, scales
+    out_dir/.sweep.lock                     held while sweep.json is read and rewritten
+
+Sweeps of *different* updates may write one folder at the same time (`unisteer run` with `executor: ray`):
+each update has its own scores files, and every change to sweep.json is a read-merge-write under an exclusive
+lock (`fcntl.lockf`; on storage shared between machines this needs the filesystem's lock support, e.g. NFSv4).
 
 The scoring itself is `analysis.paired`; the aggregation and fits of a finished sweep, `analysis.fits`.
 """
@@ -25,12 +30,14 @@ The scoring itself is `analysis.paired`; the aggregation and fits of a finished 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +83,9 @@ SCORES_DIR = "scores"
 
 
 REFERENCE_FILE = "manifold_reference.json"
+
+
+LOCK_FILE = ".sweep.lock"
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -238,9 +248,7 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
                 # Kept at once: a split finished before an interruption is skipped on resume, so its reference
                 # must already be on disk.
                 references[split] = {layer: ref.describe() for layer, ref in reference.items()}
-                info["manifold_reference"] = references
-                write_json(out / SWEEP_FILE, info)
-                write_json(out / REFERENCE_FILE, references)
+                _store_references(out, references)
             base_seconds += time.perf_counter() - tick
             for name, update in updates.items():
                 measured = [layer for layer in layers if layer >= update.layer]
@@ -259,9 +267,7 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
                     _append_rows(path, rows)
                     progress.update(len(rows))
     if references:
-        info["manifold_reference"] = references
-        write_json(out / SWEEP_FILE, info)
-        write_json(out / REFERENCE_FILE, references)
+        _store_references(out, references)
     return SweepResult(out, list(updates), list(splits), total, reused, time.perf_counter() - started,
                        base_seconds, steered_seconds)
 
@@ -371,11 +377,60 @@ def _sweep_record(model: nn.Module, encoder: PairEncoder, updates: Mapping[str, 
     }
 
 
+@contextmanager
+def _sweep_file_lock(out: Path) -> Iterator[None]:
+    """Exclusive lock over sweep.json's read-modify-write (other sweeps of other updates may share `out`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a", encoding="utf-8") as fh:
+        fcntl.lockf(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fh, fcntl.LOCK_UN)
+
+
+def _change_sweep_file(out: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply `change` to the sweep.json on disk now (not to a copy read earlier) and write it back, locked."""
+    with _sweep_file_lock(out):
+        info = read_sweep_info(out)
+        change(info)
+        write_json(out / SWEEP_FILE, info)
+        return info
+
+
+def _store_references(out: Path, references: Mapping[str, Any]) -> None:
+    """Record the manifold references of the splits done so far (merged with those other sweeps stored)."""
+    def change(info: dict[str, Any]) -> None:
+        info["manifold_reference"] = {**info.get("manifold_reference", {}), **references}
+
+    info = _change_sweep_file(out, change)
+    write_json(out / REFERENCE_FILE, info["manifold_reference"])
+
+
+def order_updates(out_dir: str | Path, names: Sequence[str]) -> None:
+    """Put `names` first, in this order, in sweep.json's updates and grids (fits and reports follow that order;
+    sweeps of one update each, finishing in any order, then list them as a joint sweep would)."""
+    out = Path(out_dir)
+
+    def change(info: dict[str, Any]) -> None:
+        for key in ("updates", "grids"):
+            stored = info[key]
+            info[key] = {**{n: stored[n] for n in names if n in stored}, **stored}
+
+    if list(read_sweep_info(out)["updates"])[:len(names)] != list(names):
+        _change_sweep_file(out, change)
+
+
 def _merge_sweep_file(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Create `sweep.json`, or check that a resumed sweep is comparable and merge the new parts in."""
+    with _sweep_file_lock(out):
+        return _merge_sweep_file_locked(out, record)
+
+
+def _merge_sweep_file_locked(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     path = out / SWEEP_FILE
     if not path.exists():
-        if out.exists() and any(out.iterdir()):
+        if any(p.name != LOCK_FILE for p in out.iterdir()):
             raise ConfigError(f"{out}: the folder is not empty and holds no {SWEEP_FILE}; choose a new or empty "
                               "folder for the sweep")
         out.mkdir(parents=True, exist_ok=True)
