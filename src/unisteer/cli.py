@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .engine.updates import FORMS
-from .errors import ConfigError, UnisteerError
+from .errors import UnisteerError
 from .training.objectives import OBJECTIVES
 
 EXIT_USER_ERROR = 2
@@ -93,23 +93,11 @@ def load_data_from_args(args: argparse.Namespace, model=None, tokenizer=None):
 
 
 def _load_model(args: argparse.Namespace):
-    from .engine.models import load_model
+    from .engine.models import load_model, parse_device_map
 
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
-    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=_device_map(args.device_map),
+    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=parse_device_map(args.device_map),
                       offload_folder=args.offload_folder)
-
-
-def _device_map(text: str | None) -> str | dict | None:
-    if text is None or not text.strip().startswith("{"):
-        return text
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--device-map: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-    if not isinstance(value, dict):
-        raise ConfigError("--device-map: expected a JSON object of module name -> device")
-    return value
 
 
 def _print_json(obj) -> None:

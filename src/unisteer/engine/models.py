@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..files import write_json, writing_file, writing_folder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -101,6 +101,19 @@ def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") ->
     if dtype not in names:
         raise ModelError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(names)}")
     return names[dtype]
+
+
+def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
+    """A `--device-map` value: a strategy name ('auto', 'balanced', ...) or a JSON object module -> device."""
+    if text is None or not text.strip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--device-map: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(value, dict):
+        raise ConfigError("--device-map: expected a JSON object of module name -> device")
+    return value
 
 
 def load_model(

@@ -523,7 +523,8 @@ class BackgroundServer:
 
 
 def serve(model_name_or_path: str, updates_dir: str | Path | None = None, *, dtype: str = "float32",
-          device: str = "cpu", config: ServerConfig | None = None) -> None:
+          device: str = "cpu", config: ServerConfig | None = None, device_map: str | dict | None = None,
+          offload_folder: str | None = None) -> None:
     """Load the model and updates and serve until SIGINT/SIGTERM (graceful: in-flight requests finish)."""
     import uvicorn
 
@@ -537,7 +538,8 @@ def serve(model_name_or_path: str, updates_dir: str | Path | None = None, *, dty
         _log.warning("serving on %s without an API key: anyone who can reach this address can use the model; "
                      "set --api-key or UNISTEER_API_KEY", config.host)
         print(f"warning: listening on {config.host} without --api-key / UNISTEER_API_KEY", file=sys.stderr)
-    model, tokenizer = load_model(model_name_or_path, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_name_or_path, dtype=dtype, device=device, device_map=device_map,
+                                  offload_folder=offload_folder)
     skipped: dict[str, str] = {}
     updates = load_updates_dir(updates_dir, model, skipped)
     for name, reason in skipped.items():
@@ -578,6 +580,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of saved updates; each subfolder or .safetensors file is one update")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--device-map", default=None,
+                        help="spread the model over devices with accelerate instead of --device: 'auto', "
+                             "'balanced', or a JSON object of module -> device ('cpu'/'disk' offload)")
+    parser.add_argument("--offload-folder", default=None, help="where a --device-map puts 'disk' layers")
     helps = {
         "host": "address to listen on", "port": "port to listen on",
         "served_model_name": "the base model name clients send (empty: the --model value)",
@@ -603,4 +609,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
     values["api_key"] = values["api_key"] or os.environ.get("UNISTEER_API_KEY", "")
     config = ServerConfig(**values)
-    serve(args.model, args.updates, dtype=args.dtype, device=args.device, config=config)
+    from ..engine.models import parse_device_map
+
+    serve(args.model, args.updates, dtype=args.dtype, device=args.device, config=config,
+          device_map=parse_device_map(args.device_map), offload_folder=args.offload_folder)
