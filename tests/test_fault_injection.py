@@ -22,6 +22,9 @@ from safetensors.torch import load_file
 
 from fault_jobs import make_model_dir
 
+# Minutes of subprocesses; what they check (kill, rerun, compare) is stack-independent.
+pytestmark = pytest.mark.pinned_only
+
 JOBS = Path(__file__).with_name("fault_jobs.py")
 TIME_KEYS = {"time_s", "elapsed_s", "seconds", "train_seconds"}
 KILLS = {"train": 1, "sweep": 1, "run": 2}  # a run has more stages to land in

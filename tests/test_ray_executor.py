@@ -17,6 +17,8 @@ from unisteer.pipeline import RunConfig, run_pipeline
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="ray is not installed (pip install 'unisteer[ray]')")
+# Starting a local Ray costs tens of seconds; the executor does not touch transformers.
+pytestmark = pytest.mark.pinned_only
 TIME_KEYS = {"train_seconds", "seconds", "time_s", "elapsed_s"}
 
 
