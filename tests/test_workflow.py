@@ -150,3 +150,37 @@ def test_a_run_interrupted_before_its_first_checkpoint_restarts_on_rerun(tmp_pat
     again = train_cell(model, CharTokenizer(), data, objective="split", form="vector", layer=1,
                        rendering=Rendering(), out_dir=out, progress=False)  # finished: loaded, not retrained
     assert torch.equal(again.update.vector, trained.update.vector)
+
+
+def test_max_length_override_reaches_the_encoder_of_every_objective(tmp_path):
+    """`--set max_length=N` used to be dropped: the cell's encoder was built with the default 512."""
+    from test_training import CharTokenizer, toy_pairs
+    from unisteer.data.builtin import BuiltinData
+    from unisteer.workflow import train_cell
+
+    model = tiny_model("llama")
+    data = BuiltinData("toy", toy_pairs(4).split(dev=0, test=0))
+    for objective in ("split", "diffmean"):
+        trained = train_cell(model, CharTokenizer(), data, objective=objective, form="vector", layer=1,
+                             rendering=Rendering(), out_dir=tmp_path / objective, progress=False,
+                             overrides={"epochs": 1, "batch_size": 2, "eval_pairs": 0, "max_length": 24})
+        training = trained.update.spec.training
+        assert training["encoder"]["max_length"] == 24, objective
+        assert training["data"]["pairs"] == 4
+
+
+def test_data_directory_fallback_is_beside_the_project_root(tmp_path, monkeypatch):
+    """The fallback once pointed at src/../shared/data, found only when run from the project root."""
+    from pathlib import Path
+
+    from unisteer.data import builtin
+
+    assert (builtin.REPO_ROOT / "pyproject.toml").is_file()
+    monkeypatch.delenv("UNISTEER_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    expected = (builtin.REPO_ROOT / ".." / "shared" / "data").resolve()
+    if expected.is_dir():
+        assert builtin.find_data_dir() == expected
+    else:
+        with pytest.raises(DataError, match=str(Path(expected))):
+            builtin.find_data_dir()

@@ -41,6 +41,7 @@ from .errors import ConfigError, DataError
 from .evaluation.choices import AccuracyByM, calibrated_accuracy, change_from_zero, choice_accuracy
 from .evaluation.selection import SteeringSelection, select_steering
 from .files import read_json, write_json
+from .training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -308,12 +309,14 @@ def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective
         seconds = read_json(timing_path)["seconds"] if timing_path.exists() else None
         return TrainedCell(load_update(update_path, model), update_path, seconds)
     train = data.splits.train
-    encoder = PairEncoder(tokenizer, rendering)
     started = time.perf_counter()
     record = {"split": data.splits.record(), "dataset": data.name, **dict(extra_record or {})}
     if objective == "diffmean":
         if form != "vector":
             raise ConfigError("objective diffmean exists only for form vector")
+        # DiffMean has no TrainConfig; the one setting it shares with one is how long a sequence may be.
+        encoder = PairEncoder(tokenizer, rendering,
+                              max_length=dict(overrides or {}).get("max_length", TrainConfig.max_length))
         update = diffmean_update(model, tokenizer, train, layer, encoder=encoder, progress=progress,
                                  name=name or f"diffmean-vector-L{layer}")
         update.spec.training.update(record)
@@ -322,6 +325,8 @@ def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective
     else:
         config = preset(objective, form, data=preset_family(data.name),
                         **{**dict(overrides or {}), "layer": layer, "seed": seed, "rendering": rendering})
+        # The encoder follows the config, so `--set max_length=N` reaches the sequences trained on.
+        encoder = PairEncoder(tokenizer, rendering, max_length=config.max_length)
         has_checkpoint = (out / CHECKPOINT_FILE).exists()
         if resume is None:
             # A run killed before its first checkpoint left only metrics: start it again from scratch.

@@ -37,7 +37,7 @@ from .readers import (
     text_field,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # src/unisteer/data/builtin.py -> the project root
 BIPO_SETS = ("power-seeking", "wealth-seeking", "hallucination")
 CAA_BEHAVIOURS = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucination", "myopic-reward", "refusal",
                   "survival-instinct", "sycophancy")
