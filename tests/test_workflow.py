@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from unisteer.data.builtin import load_builtin
 from unisteer.data.pairs import PairDataset, PolarityPair
 from unisteer.data.rendering import Rendering
 from unisteer.engine.updates import create_update
-from unisteer.errors import DataError
+from unisteer.errors import ConfigError, DataError
 from unisteer.workflow import check_held_out, choose_rendering, rendering_of, trained_pair_ids
 
 
@@ -93,6 +94,40 @@ def test_choose_rendering_picks_the_spelling_the_model_finds_likelier():
     assert choice.rendering.completion_space == expected
     assert choice.rendering.end_of_turn == (choice.end_of_turn_nll < 0.6931471805599453)
     assert json.loads(json.dumps(choice.to_dict()))["pairs"] == 6
+    # Yes/No answers: the instruction is a measured candidate, kept only if it raises the mass on the answers.
+    instructions = {c.instruction for c in choice.candidates}
+    assert instructions == {"", "Answer with Yes or No."}
+    best = {i: min((c for c in choice.candidates if c.instruction == i), key=lambda c: c.answer_nll)
+            for i in instructions}
+    assert choice.rendering.instruction == max(best, key=lambda i: (best[i].in_format, i == ""))
+    for candidate in choice.candidates:
+        assert 0 < candidate.in_format < 1 and math.isfinite(candidate.util_odds)
+
+
+def test_answer_format_instruction_only_for_a_few_short_fixed_answers():
+    from unisteer.data.rendering import answer_format_instruction
+
+    assert answer_format_instruction([PolarityPair("q", " No", " Yes"), PolarityPair("r", " Yes", " No")]) == \
+        "Answer with Yes or No."
+    assert answer_format_instruction([PolarityPair("q", "(B)", "(A)")]) == "Answer with (A) or (B)."
+    assert answer_format_instruction([PolarityPair("q", "I would gladly lead the whole project.", "No thanks.")]) == ""
+    many = [PolarityPair("q", f" {i}", f" {i + 10}") for i in range(3)]
+    assert answer_format_instruction(many) == ""
+
+
+def test_instruction_is_appended_to_the_user_turn_and_recorded():
+    from unisteer.data.rendering import PairEncoder
+
+    rendering = Rendering(instruction="Answer with Yes or No.")
+    encoder = PairEncoder(_SpaceTokenizer(), rendering)
+    assert encoder.render_prompt("Q1:") == "Q1:\n\nAnswer with Yes or No."
+    assert encoder.describe()["rendering"]["instruction"] == "Answer with Yes or No."
+    model = tiny_model("llama")
+    update = create_update(model, "vector", 1, seed=0)
+    update.spec.training = {"encoder": encoder.describe()}
+    assert rendering_of(update).instruction == "Answer with Yes or No."
+    with pytest.raises(ConfigError, match="instruction"):
+        Rendering(instruction=7)
 
 
 @pytest.mark.real_model

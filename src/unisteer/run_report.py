@@ -192,9 +192,16 @@ def _run_settings(out: Path, summary: dict[str, Any]) -> list[list[Any]]:
     if rendering_path.exists():
         record = read_json(rendering_path)
         chosen = record.get("rendering", {})
+        instruction = chosen.get("instruction") or ""
         text = (f"{chosen.get('name') or 'custom'}: completion whitespace {chosen.get('completion_space')}, "
-                f"end-of-turn {'appended' if chosen.get('end_of_turn') else 'not appended'}, chosen by "
+                f"end-of-turn {'appended' if chosen.get('end_of_turn') else 'not appended'}, "
+                f"answer-format instruction {repr(instruction) if instruction else 'none'}, chosen by "
                 f"{record.get('chosen_by')}")
+        if record.get("in_format") is not None:
+            text += (f"; the plain model puts {record['in_format']:.2f} of its mass on the two answers "
+                     f"(UtilOdds at m = 0: {record['util_odds_at_zero']:+.2f})")
+        for note in record.get("notes", []):
+            text += f"; {note}"
         if "answer_nll" in record:
             text += (f" (mean answer NLL joined {record['answer_nll'].get('join', float('nan')):.2f} vs kept "
                      f"{record['answer_nll'].get('keep', float('nan')):.2f} nats; end-of-turn after the answer "

@@ -33,7 +33,7 @@ from .data.builtin import (
 )
 from .data.pairs import PairDataset, PolarityPair, SplitConfig
 from .data.readers import answer_meta, read_pairs
-from .data.rendering import PairEncoder, Rendering
+from .data.rendering import PairEncoder, Rendering, answer_format_instruction
 from .engine.devices import input_device
 from .engine.scoring import final_hidden, token_nll_from_hidden
 from .engine.updates import Update
@@ -55,72 +55,131 @@ RENDERING_SAMPLE = 32
 
 
 @dataclass(frozen=True)
+class RenderingCandidate:
+    """One rendering `choose_rendering` measured, with what the plain model made of it."""
+
+    instruction: str
+    completion_space: str
+    answer_nll: float  # mean summed NLL of an answer (nats per completion, both polarities)
+    end_of_turn_nll: float  # mean NLL of the end-of-turn suffix right after the answer
+    in_format: float  # mean P(positive) + P(negative): how much mass the plain model puts on either answer
+    util_odds: float  # mean UtilOdds at m = 0, log S − log(1 − S) per pair
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class RenderingChoice:
     """The measured rendering and the numbers that chose it (recorded with results)."""
 
     rendering: Rendering
-    answer_nll: dict[str, float]  # completion_space -> mean answer NLL (nats per completion)
+    answer_nll: dict[str, float]  # completion_space -> mean answer NLL under the chosen instruction
     end_of_turn_nll: float  # mean NLL of the end-of-turn suffix after the chosen answers
     pairs: int
     notes: list[str] = field(default_factory=list)
+    candidates: list[RenderingCandidate] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> RenderingCandidate | None:
+        return next((c for c in self.candidates if c.instruction == self.rendering.instruction and
+                     c.completion_space == self.rendering.completion_space), None)
 
     def to_dict(self) -> dict[str, Any]:
+        chosen = self.chosen
         return {"rendering": self.rendering.to_dict(), "answer_nll": self.answer_nll,
                 "end_of_turn_nll": self.end_of_turn_nll, "end_of_turn_max_nll": END_OF_TURN_MAX_NLL,
-                "pairs": self.pairs, "rule": "completion_space with the lower mean answer NLL under the plain "
-                "model; end-of-turn appended when its mean NLL after the answer is below ln 2",
-                "notes": self.notes}
+                "pairs": self.pairs, "rule": RENDERING_RULE, "notes": self.notes,
+                "candidates": [c.to_dict() for c in self.candidates],
+                "in_format": None if chosen is None else chosen.in_format,
+                "util_odds_at_zero": None if chosen is None else chosen.util_odds}
+
+
+RENDERING_RULE = ("per instruction (none, or the answer format the pairs share), the completion_space with the "
+                  "lower mean answer NLL under the plain model; then the instruction under which the plain model "
+                  "puts more mass on the two answers (P(positive) + P(negative)), so that utility at m = 0 "
+                  "measures the model answering in format; end-of-turn appended when its mean NLL after the "
+                  "answer is below ln 2")
 
 
 @torch.no_grad()
 def choose_rendering(model: nn.Module, tokenizer: Any, pairs: PairDataset | Sequence[PolarityPair], *,
                      sample: int = RENDERING_SAMPLE, max_length: int = 512, batch_size: int = 16,
                      plain_format: str = "{prompt}") -> RenderingChoice:
-    """Pick the rendering under which the plain model finds the completions most natural.
+    """Pick the rendering under which the plain model answers in format and finds the answers most natural.
 
     On the first `sample` pairs (train pairs: never the held-out ones), the plain model scores both
-    completions with their leading whitespace kept as written and joined to the prompt (see `Rendering`),
-    followed by the end-of-turn suffix. The spelling with the lower answer NLL wins; the suffix is kept
-    when the model would end its turn there anyway. SmolLM2 on persona questions: " No" after
-    "assistant\\n" costs ~12.6 nats, "No" ~2.6, and the end of turn right after the bare answer ~8.6.
+    completions under each candidate: without an instruction and, where every completion is one of a few
+    short answers, with `answer_format_instruction` appended to the user turn; each with the completions'
+    leading whitespace kept as written and joined to the prompt (see `Rendering`), followed by the
+    end-of-turn suffix. Per instruction the spelling with the lower answer NLL wins; between instructions,
+    the one with more mass on the two answers. SmolLM2 on persona questions: P(Yes) + P(No) is 0.07 as
+    written and about 0.6 with "Answer with Yes or No."; " No" after "assistant\n" costs ~12.6 nats, "No" ~2.6.
     """
     chosen_pairs = list(pairs)[:sample]
     if not chosen_pairs:
         raise DataError("choose_rendering: no pairs to measure on")
-    answer_nll: dict[str, float] = {}
-    suffix_nll: dict[str, float] = {}
-    for space in ("join", "keep"):
-        encoder = PairEncoder(tokenizer, Rendering(completion_space=space, end_of_turn=True,
-                                                   plain_format=plain_format), max_length=max_length)
-        answer_nll[space], suffix_nll[space] = _answer_and_suffix_nll(model, encoder, chosen_pairs, batch_size)
-    space = min(answer_nll, key=lambda k: (answer_nll[k], k != "join"))
-    end_of_turn = suffix_nll[space] < END_OF_TURN_MAX_NLL
-    rendering = Rendering(completion_space=space, end_of_turn=end_of_turn, plain_format=plain_format,
-                          name="measured")
+    instructions = [""]
+    derived = answer_format_instruction(pairs)
+    if derived:
+        instructions.append(derived)
+    candidates: list[RenderingCandidate] = []
+    best: dict[str, RenderingCandidate] = {}
+    for instruction in instructions:
+        measured = []
+        for space in ("join", "keep"):
+            encoder = PairEncoder(tokenizer, Rendering(completion_space=space, end_of_turn=True,
+                                                       plain_format=plain_format, instruction=instruction),
+                                  max_length=max_length)
+            measured.append(_measure_candidate(model, encoder, chosen_pairs, batch_size))
+        candidates.extend(measured)
+        best[instruction] = min(measured, key=lambda c: (c.answer_nll, c.completion_space != "join"))
+    winner = max(best.values(), key=lambda c: (c.in_format, c.instruction == ""))
+    end_of_turn = winner.end_of_turn_nll < END_OF_TURN_MAX_NLL
+    rendering = Rendering(completion_space=winner.completion_space, end_of_turn=end_of_turn,
+                          plain_format=plain_format, name="measured", instruction=winner.instruction)
     notes = []
-    if answer_nll["join"] == answer_nll["keep"]:
+    same_instruction = [c for c in candidates if c.instruction == winner.instruction]
+    if len({c.answer_nll for c in same_instruction}) == 1:
         notes.append("the completions have no leading whitespace to join or keep")
-    return RenderingChoice(rendering, answer_nll, suffix_nll[space], len(chosen_pairs), notes)
+    if derived and winner.instruction:
+        plain = best[""]
+        notes.append(f"{derived!r} appended: the plain model's mass on the two answers rises from "
+                     f"{plain.in_format:.2f} to {winner.in_format:.2f} (UtilOdds at m = 0 {plain.util_odds:+.2f} → "
+                     f"{winner.util_odds:+.2f})")
+    elif derived:
+        notes.append(f"{derived!r} measured and not used: it does not raise the mass on the two answers "
+                     f"({best[derived].in_format:.2f} vs {winner.in_format:.2f} without)")
+    else:
+        notes.append("no answer-format instruction: the completions are not a few short fixed answers")
+    answer_nll = {c.completion_space: c.answer_nll for c in same_instruction}
+    return RenderingChoice(rendering, answer_nll, winner.end_of_turn_nll, len(chosen_pairs), notes, candidates)
 
 
-def _answer_and_suffix_nll(model: nn.Module, encoder: PairEncoder, pairs: Sequence[PolarityPair],
-                           batch_size: int) -> tuple[float, float]:
-    """Mean summed NLL per completion of the answer tokens and of the suffix tokens (both polarities)."""
+def _measure_candidate(model: nn.Module, encoder: PairEncoder, pairs: Sequence[PolarityPair],
+                       batch_size: int) -> RenderingCandidate:
+    """Answer and suffix NLL per completion, and the mass on the two answers per pair (plain model)."""
     device = input_device(model)
     encoded = encoder.encode_all(pairs)
-    answer_total = suffix_total = 0.0
-    count = 0
+    answer_nll: dict[str, list[float]] = {}
+    suffix_total = 0.0
     for side in ("positive", "negative"):
+        answer_nll[side] = []
         for start in range(0, len(encoded), batch_size):
             batch = collate_pairs(encoded[start:start + batch_size], side, pad_token_id=encoder.pad_token_id)
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             token_nll = token_nll_from_hidden(model, final_hidden(model, ids, mask), batch.labels.to(device))
             answer = batch.answer_mask.to(device)
             suffix = batch.completion_mask.to(device) & ~answer
-            answer_total += float((token_nll * answer).sum())
+            answer_nll[side].extend((token_nll * answer).sum(dim=1).double().tolist())
             suffix_total += float((token_nll * suffix).sum())
-            count += ids.shape[0]
-    return answer_total / count, suffix_total / count
+    positive, negative = np.asarray(answer_nll["positive"]), np.asarray(answer_nll["negative"])
+    mass = np.exp(-positive) + np.exp(-negative)
+    clipped = np.clip(mass, 1e-12, 1 - 1e-12)  # two answers can hold all the mass only up to rounding
+    rendering = encoder.rendering
+    return RenderingCandidate(rendering.instruction, rendering.completion_space,
+                              float(np.concatenate([positive, negative]).mean()), suffix_total / (2 * len(encoded)),
+                              float(mass.mean()), float(np.mean(np.log(clipped) - np.log1p(-clipped))))
 
 
 # ---------------------------------------------------------------------------------------------- held-out
@@ -259,7 +318,7 @@ def rendering_of(update: Update) -> Rendering | None:
     if not isinstance(recorded, dict):
         return None
     return Rendering.parse({k: v for k, v in recorded.items() if k in
-                            ("template", "completion_space", "end_of_turn", "plain_format", "name")})
+                            ("template", "completion_space", "end_of_turn", "plain_format", "name", "instruction")})
 
 
 def common_rendering(updates: Mapping[str, Update]) -> Rendering | None:

@@ -1,8 +1,9 @@
 """How a polarity pair becomes model input.
 
 Rendering (`Rendering`, applied by `PairEncoder`) is an explicit, recorded choice: the prompt template (the
-chat template's single user turn with the generation prompt, or plain text), what happens to a completion's
-leading whitespace, and whether the template's end-of-turn suffix follows each completion. Named choices:
+chat template's single user turn with the generation prompt, or plain text), an answer-format instruction
+appended to the user turn ("Answer with Yes or No."), what happens to a completion's leading whitespace, and
+whether the template's end-of-turn suffix follows each completion. Named choices:
 `reference` (the paper's code: completions as written, end-of-turn appended) and `natural` (a completion
 joins the prompt as the model would write it, no end-of-turn: the completion is the start of the answer).
 `unisteer.workflow.choose_rendering` picks one per model and dataset by measurement. The prompt is
@@ -37,6 +38,11 @@ class Rendering:
       "assistant\n"), so the answer is spelled as the model would write it there.
     end_of_turn: append the template's end-of-turn suffix (eos for plain text) to every completion, so the
       completion is the whole answer; without it the completion is the start of the answer.
+    instruction: text appended to the user turn after a blank line (e.g. "Answer with Yes or No."), empty for
+      none. It is part of how a pair becomes tokens: a small model asked a yes/no question rarely opens its
+      reply with a bare "Yes" unless told to, and then utility at m = 0 measures the model's reluctance to
+      answer in format rather than what steering costs. `answer_format_instruction` derives one from a
+      dataset's answers.
     """
 
     template: str = "auto"
@@ -44,6 +50,7 @@ class Rendering:
     end_of_turn: bool = False
     plain_format: str = "{prompt}"
     name: str = ""
+    instruction: str = ""
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
@@ -55,6 +62,9 @@ class Rendering:
             raise ConfigError(f"rendering.end_of_turn: expected true or false, got {self.end_of_turn!r}")
         if not isinstance(self.plain_format, str) or "{prompt}" not in self.plain_format:
             raise ConfigError(f"rendering.plain_format must contain '{{prompt}}', got {self.plain_format!r}")
+        if not isinstance(self.instruction, str) or len(self.instruction) > INSTRUCTION_MAX_CHARS:
+            raise ConfigError(f"rendering.instruction: expected text of at most {INSTRUCTION_MAX_CHARS} characters, "
+                              f"got {self.instruction!r:.80}")
 
     @classmethod
     def parse(cls, value: Rendering | str | Mapping[str, Any] | None) -> Rendering:
@@ -66,17 +76,45 @@ class Rendering:
         if isinstance(value, str):
             if value not in RENDERINGS:
                 raise ConfigError(f"rendering: {value!r} is not one of {sorted(RENDERINGS)} (or a mapping of "
-                                  "template / completion_space / end_of_turn / plain_format)")
+                                  "template / completion_space / end_of_turn / plain_format / instruction)")
             return RENDERINGS[value]
         return from_dict(cls, dict(value), where="rendering")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "template": self.template, "completion_space": self.completion_space,
-                "end_of_turn": self.end_of_turn, "plain_format": self.plain_format}
+                "end_of_turn": self.end_of_turn, "plain_format": self.plain_format, "instruction": self.instruction}
+
+    def user_content(self, prompt: str) -> str:
+        """The user turn as the model reads it: the prompt, then the instruction after a blank line."""
+        return f"{prompt}\n\n{self.instruction}" if self.instruction else prompt
 
     def same_choice(self, other: Rendering) -> bool:
         """Equal up to the name (a measured choice equals the named rendering it coincides with)."""
         return {**self.to_dict(), "name": ""} == {**other.to_dict(), "name": ""}
+
+
+INSTRUCTION_MAX_CHARS = 500
+# Answers a dataset may draw from for `answer_format_instruction`: a few short, fixed strings.
+INSTRUCTION_MAX_OPTIONS = 4
+INSTRUCTION_MAX_OPTION_CHARS = 24
+
+
+def answer_format_instruction(pairs: Iterable[PolarityPair]) -> str:
+    """"Answer with Yes or No." when every completion is one of a few short fixed answers; else "".
+
+    Open-ended pairs (long, varied completions) have no answer format to ask for.
+    """
+    answers: set[str] = set()
+    for pair in pairs:
+        answers.update((pair.positive.strip(), pair.negative.strip()))
+        if len(answers) > INSTRUCTION_MAX_OPTIONS:
+            return ""
+    if len(answers) < 2 or any(not a or len(a) > INSTRUCTION_MAX_OPTION_CHARS for a in answers):
+        return ""
+    # Affirmative first, as a question writer would say it ("Yes or No", "True or False", "(A) or (B)").
+    ordered = sorted(answers, key=lambda a: (a.lower() not in ("yes", "true"), a))
+    listed = ", ".join(ordered[:-1]) + " or " + ordered[-1]
+    return f"Answer with {listed}."
 
 
 RENDERINGS: dict[str, Rendering] = {
@@ -169,9 +207,10 @@ class PairEncoder:
                 "common_prefix_length": self.common_prefix_length}
 
     def render_prompt(self, prompt: str) -> str:
+        content = self.rendering.user_content(prompt)
         if not self.uses_chat_template:
-            return self.plain_format.format(prompt=prompt)
-        return self._apply_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return self.plain_format.format(prompt=content)
+        return self._apply_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def render_answer(self, completion: str, prompt: str = "") -> str:
         """The completion's text as scored, without the end-of-turn suffix."""
