@@ -81,8 +81,13 @@ class Rendering:
         return from_dict(cls, dict(value), where="rendering")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "template": self.template, "completion_space": self.completion_space,
-                "end_of_turn": self.end_of_turn, "plain_format": self.plain_format, "instruction": self.instruction}
+        described = {"name": self.name, "template": self.template, "completion_space": self.completion_space,
+                     "end_of_turn": self.end_of_turn, "plain_format": self.plain_format}
+        # Written only when set, so every update, sweep and fingerprint recorded before the field existed
+        # still describes (and resumes as) the same rendering.
+        if self.instruction:
+            described["instruction"] = self.instruction
+        return described
 
     def user_content(self, prompt: str) -> str:
         """The user turn as the model reads it: the prompt, then the instruction after a blank line."""
