@@ -4,6 +4,9 @@ while tokens flow, requests the JSON parser cannot take, multiplier spellings, a
 from __future__ import annotations
 
 import json
+import os
+import select
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -207,3 +210,116 @@ def test_prometheus_text_counts_add_up(served):
     assert requests["received"] == total(after, "unisteer_requests_received_total")
     assert requests["succeeded"] == total(after, "unisteer_requests_total", status="200")
     assert requests["completion_tokens"] == total(after, "unisteer_completion_tokens_total")
+
+
+# -- round two (#18): a server one client cannot stall or bloat ---------------------------------------------
+def _chunked_upload(served: Served, total_bytes: int) -> tuple[bytes, int]:
+    """POST a chunked (no Content-Length) body of spaces; stop once the server answers. Returns the answer's
+    first bytes and how many body bytes were sent by then."""
+    sock = socket.create_connection((served.server.host, served.server.port), timeout=5)
+    with sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer s3cret\r\n"
+                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b" " * (64 << 10)
+        frame = b"%x\r\n" % len(piece) + piece + b"\r\n"
+        sent = 0
+        while sent < total_bytes:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server answered mid-upload
+            try:
+                sock.sendall(frame)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                break
+            sent += len(piece)
+        return sock.recv(4096), sent
+
+
+def test_a_chunked_upload_is_cut_at_the_limit_not_buffered(served):
+    """A body without Content-Length was read whole (256 MiB) before the 413."""
+    limit = served.state.config.max_request_bytes
+    answer, sent = _chunked_upload(served, 16 * limit)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 4 * limit, f"the server read {sent} bytes of a body limited to {limit}"
+
+
+def test_many_prompts_are_refused_before_tokenising(served):
+    """200 000 one-word prompts were tokenised on the event loop (16.7 s) before the count limit refused them."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, served, "/completions", {"model": TINY, "prompt": ["hi"] * 200_000})
+        health = httpx.get(served.server.url + "/health", timeout=10)
+        reply = pending.result()
+    assert health.status_code == 200
+    assert reply.status_code == 400 and "200000 prompts" in reply.json()["error"]["message"]
+    assert time.perf_counter() - started < 5
+
+
+def test_prompts_are_tokenised_off_the_event_loop(served, monkeypatch):
+    renderer = served.state.renderer
+    threads = []
+    original = renderer.text
+
+    def spy(prompt):
+        threads.append(threading.current_thread().name)
+        return original(prompt)
+
+    monkeypatch.setattr(renderer, "text", spy)
+    reply = post(served, "/completions", {"model": TINY, "prompt": "ab", "max_tokens": 2})
+    assert reply.status_code == 200
+    assert threads and "unisteer-http" not in threads  # the event loop runs in BackgroundServer's thread
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "tiny-llama", "prompt": "a\\ud800b", "max_tokens": 2}',
+    b'{"model": "tiny-llama+\\udfff", "messages": [{"role": "user", "content": "x"}]}',
+    b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "\\ud83d"}], "stream": true}',
+])
+def test_a_lone_surrogate_is_a_400_not_a_500(served, body):
+    reply = post(served, "/completions" if b'"prompt"' in body else "/chat/completions", body)
+    assert reply.status_code == 400, reply.text
+    assert "lone UTF-16 surrogate" in reply.json()["error"]["message"]
+
+
+def test_a_client_gone_during_its_upload_is_a_499_not_a_500(served):
+    counters = served.state.counters
+    before = dict(counters.errors_by_status)
+    sock = socket.create_connection((served.server.host, served.server.port), timeout=5)
+    with sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer s3cret\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.2)  # let the server start reading the body
+    wait_until(lambda: counters.errors_by_status.get("499", 0) > before.get("499", 0), timeout=10)
+    assert counters.errors_by_status.get("500", 0) == before.get("500", 0)
+
+
+def test_an_api_key_also_guards_the_docs_and_hides_paths_on_health(served, updates_dir, monkeypatch):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(served.server.url + path).status_code == 401, path
+        assert httpx.get(served.server.url + path, headers=AUTH).status_code == 200, path
+    skipped = {}
+    load_updates_dir(updates_dir, served.model, skipped)
+    assert str(updates_dir) in skipped["broken"]
+    monkeypatch.setattr(served.state, "skipped_updates", skipped)  # as `serve` records them
+    health = httpx.get(served.server.url + "/health").json()
+    assert health["skipped_updates"] == ["broken"]  # the name, not the server-side path in the reason
+    assert "/" not in json.dumps(health["skipped_updates"])
+
+
+def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path):
+    from unisteer.errors import ConfigError
+    from unisteer.serving.app import api_key_from
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert api_key_from("", str(key_file), "from-env") == "from-file"
+    assert api_key_from("", None, "from-env") == "from-env"
+    assert api_key_from("flag", None, "from-env") == "flag"
+    with pytest.raises(ConfigError, match="not both"):
+        api_key_from("flag", str(key_file), "")
+    os.mkfifo(tmp_path / "fifo")
+    for bad, message in ((tmp_path / "fifo", "not a file"), (tmp_path / "missing", "not a file")):
+        with pytest.raises(ConfigError, match=message):
+            api_key_from("", str(bad), "")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="first line is empty"):
+        api_key_from("", str(tmp_path / "empty"), "")

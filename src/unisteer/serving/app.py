@@ -2,8 +2,8 @@
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both streaming over SSE and
 not), `GET /health`, and `GET /metrics`: Prometheus text exposition format, or the JSON counts with
-`GET /metrics?format=json` (names and meanings in `serving.metrics`). With an API key set, /v1 and /metrics
-both require it; /health stays open. Each request may steer with any loaded updates at its own multipliers
+`GET /metrics?format=json` (names and meanings in `serving.metrics`). With an API key set, /v1, /metrics
+and the API docs require it; /health stays open (docs/SECURITY.md). Each request may steer with any loaded updates at its own multipliers
 (see `serving_protocol` for the two ways to ask); requests with different steering share batches without
 affecting each other (see `serving_engine`).
 
@@ -38,6 +38,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from torch import nn
 
 from ..engine.storage import load_update
@@ -222,8 +223,12 @@ class _Received:
                                 completion_tokens=completion_tokens)
 
 
+# With an API key, these need it too: the schema pages describe every route and parameter.
+_PROTECTED_PATHS = frozenset({"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
 class _BearerAuth:
-    """OpenAI-style `Authorization: Bearer <key>` on /v1 and /metrics when the server has an API key.
+    """OpenAI-style `Authorization: Bearer <key>` on /v1, /metrics and the API docs when the server has a key.
 
     A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the routes.
     """
@@ -234,7 +239,7 @@ class _BearerAuth:
     async def __call__(self, scope, receive, send) -> None:
         key = self.state.config.api_key
         path = scope.get("path", "")
-        if scope["type"] == "http" and key and (path.startswith("/v1/") or path == "/metrics"):
+        if scope["type"] == "http" and key and (path.startswith("/v1/") or path in _PROTECTED_PATHS):
             header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
@@ -292,7 +297,10 @@ def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = N
                 "updates": sorted(state.updates), "queue_rows": len(state.generator.queue),
                 "requests_in_flight": state.in_flight}
         if state.skipped_updates:
-            body["skipped_updates"] = state.skipped_updates
+            # The reasons name server-side paths; /health is open even with a key, so it then gives names only
+            # (the reasons are in the server's log).
+            skipped = state.skipped_updates
+            body["skipped_updates"] = sorted(skipped) if state.config.api_key else skipped
         if not healthy:
             body["reason"] = state.generator.failure or "the generator is not running"
         return JSONResponse(body, status_code=200 if healthy else 503)
@@ -332,15 +340,14 @@ async def _complete(state: ServerState, kind: str, request: Request) -> Response
     endpoint = ENDPOINTS[kind]
     received = _Received(endpoint, state.telemetry.receive(endpoint))
     request.state.unisteer_completion = received  # so that the error handlers count its end
-    limit = state.config.max_request_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:  # refuse before reading a huge body into memory
-        raise ApiError(413, f"the request body has {declared} bytes; this server accepts at most {limit}")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise ApiError(413, f"the request body has {len(raw)} bytes; this server accepts at most {limit}")
-    parsed = parse_request(kind, parse_json_body(raw), base_model=state.base_model,
-                           update_names=list(state.updates), renderer=state.renderer, limits=state.limits)
+    try:
+        raw = await _read_body(request, state.config.max_request_bytes)
+    except _ClientGone:
+        received.end(state, _CLIENT_CLOSED_REQUEST)
+        return Response(status_code=_CLIENT_CLOSED_REQUEST)
+    # Parsing and tokenising take seconds for a large body: in a thread, so that other requests (and /health)
+    # are answered meanwhile. The count and size limits are checked before any tokenising.
+    parsed = await asyncio.to_thread(_parse, state, kind, raw)
     submission = _Submission(parsed, received)
     try:
         state.generator.submit(submission.rows)
@@ -363,6 +370,28 @@ async def _complete(state: ServerState, kind: str, request: Request) -> Response
     received.end(state, 200, completion_tokens=sum(c.completion_tokens for c in choices))
     return JSONResponse(full_response(parsed, submission.response_id, submission.created, choices,
                                       submission.prompt_tokens))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read chunk by chunk and refused (413) as soon as it passes `limit` bytes, whether or not the
+    client declared a Content-Length: a chunked upload is never buffered beyond the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {declared} bytes; this server accepts at most {limit}")
+    body = bytearray()
+    try:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise ApiError(413, f"the request body exceeds {limit} bytes, the most this server accepts")
+    except ClientDisconnect as exc:
+        raise _ClientGone() from exc
+    return bytes(body)
+
+
+def _parse(state: ServerState, kind: str, raw: bytes) -> ParsedRequest:
+    return parse_request(kind, parse_json_body(raw), base_model=state.base_model,
+                         update_names=list(state.updates), renderer=state.renderer, limits=state.limits)
 
 
 _DISCONNECT_POLL_S = 0.5
@@ -596,18 +625,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "shutdown_timeout_s": "seconds in-flight requests get to finish on shutdown",
         "log_level": "uvicorn log level",
         "threads": "torch CPU threads (0: torch's default)",
-        "api_key": "require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $UNISTEER_API_KEY, else none)",
+        "api_key": "require 'Authorization: Bearer KEY' on /v1, /metrics and the API docs; visible to other users "
+                   "in `ps`, so prefer $UNISTEER_API_KEY or --api-key-file",
     }
     for f in fields(ServerConfig):
         value = getattr(defaults, f.name)
         shown = "" if f.name == "api_key" else " (default: %(default)s)"
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value,
                             help=f"{helps[f.name]}{shown}")
+    parser.add_argument("--api-key-file", default=None, metavar="FILE",
+                        help="read the API key from FILE (its first line) instead of the command line")
+
+
+def api_key_from(option: str, key_file: str | None, environment: str) -> str:
+    """The key from --api-key, else --api-key-file, else $UNISTEER_API_KEY; giving both options is an error."""
+    if option and key_file:
+        raise ConfigError("serve: give --api-key or --api-key-file, not both")
+    if not key_file:
+        return option or environment
+    path = Path(key_file)
+    if not path.is_file():  # also refuses a FIFO, which would block the read
+        raise ConfigError(f"--api-key-file {path}: not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--api-key-file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(f"--api-key-file {path}: the first line is empty; expected the API key")
+    return key
 
 
 def serve_from_args(args: argparse.Namespace) -> None:
     values = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
-    values["api_key"] = values["api_key"] or os.environ.get("UNISTEER_API_KEY", "")
+    values["api_key"] = api_key_from(args.api_key, args.api_key_file, os.environ.get("UNISTEER_API_KEY", ""))
     config = ServerConfig(**values)
     from ..engine.models import parse_device_map
 

@@ -154,7 +154,29 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_json")
+    _reject_lone_surrogates(body)
     return body
+
+
+def _reject_lone_surrogates(body: dict[str, Any]) -> None:
+    """JSON may escape half a UTF-16 pair (`"\\ud800"`); such a string cannot be tokenised or even written back
+    as UTF-8 (an error message echoing it would fail), so the whole request is refused here, once."""
+    stack: list[Any] = [body]
+    while stack:  # iterative: the parser accepted the nesting, a recursive walk might not
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ApiError(400, f"the request body holds a lone UTF-16 surrogate "
+                                        f"({ascii(item[exc.start])}); send valid Unicode text",
+                                   code="invalid_json") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_request(kind: str, body: dict[str, Any], *, base_model: str, update_names: Sequence[str],
@@ -167,14 +189,17 @@ def parse_request(kind: str, body: dict[str, Any], *, base_model: str, update_na
     steering = parse_model_name(model, base_model, update_names, limits.max_multiplier)
     steering += parse_steering_field(body.get("steering"), update_names, limits.max_multiplier)
     _reject_duplicates(steering)
+    n = _integer(body, "n", default=1, low=1, high=limits.max_choices)
+    # Counted before anything is tokenised: 200 000 one-word prompts would otherwise hold the tokenizer for
+    # seconds only to be refused afterwards.
+    count = 1 if kind == "chat" else _prompt_count(body.get("prompt"))
+    if n * count > limits.max_choices:
+        raise ApiError(400, f"{count} prompts x n={n} asks for {n * count} completions; this "
+                            f"server allows at most {limits.max_choices} per request", param="n")
     if kind == "chat":
         prompts = [renderer.chat(parse_messages(body.get("messages")))]
     else:
         prompts = parse_completion_prompt(body.get("prompt"), renderer)
-    n = _integer(body, "n", default=1, low=1, high=limits.max_choices)
-    if n * len(prompts) > limits.max_choices:
-        raise ApiError(400, f"{len(prompts)} prompts x n={n} asks for {n * len(prompts)} completions; this "
-                            f"server allows at most {limits.max_choices} per request", param="n")
     sampling, seeded = parse_sampling(body, kind, prompts, limits)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -309,6 +334,14 @@ def parse_completion_prompt(value: Any, renderer: PromptRenderer) -> list[list[i
             return [_checked_ids(p, renderer, f"prompt[{i}]") for i, p in enumerate(value)]
     raise ApiError(400, "'prompt' must be a non-empty string, a list of strings, a list of token ids, or a list "
                         "of token-id lists", param="prompt")
+
+
+def _prompt_count(value: Any) -> int:
+    """How many prompts `parse_completion_prompt` would return, without tokenising (1 for a malformed value,
+    which it then refuses)."""
+    if isinstance(value, list) and value and all(isinstance(p, str | list) for p in value):
+        return len(value)
+    return 1
 
 
 def _is_token_id(value: Any) -> bool:
