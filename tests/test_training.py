@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -496,3 +497,50 @@ def test_real_model_split_vector_step_saves_a_loadable_update(tmp_path, default_
     assert math.isfinite(result.metrics[0]["loss"])
     loaded = load_update(result.path, model)
     torch.testing.assert_close(loaded.vector, result.update.vector)
+
+
+# ---------------------------------------------------------------------------------------------- hardening (#18)
+
+
+def test_a_second_training_into_one_folder_is_refused_at_once(tmp_path):
+    """Two `unisteer train --out X` both ran to the end, logging every step twice and leaving a stale
+    checkpoint beside the update."""
+    import os
+
+    from unisteer.files import RunLock
+
+    model = tiny_model("llama")
+    with RunLock(tmp_path / "run"):  # what a first, still running training holds
+        started = time.perf_counter()
+        with pytest.raises(UnisteerError, match=f"in use by another unisteer process \\(PID {os.getpid()}\\)"):
+            train_update(model, CharTokenizer(), toy_pairs(4), small_config(), out_dir=tmp_path / "run",
+                         progress=False)
+        assert time.perf_counter() - started < 5
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    train_update(model, CharTokenizer(), toy_pairs(4), small_config(), out_dir=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "update").is_dir()  # released when the holder ended
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: {**s, "epoch": 99}, "do not fit this run"),
+    (lambda s: {**s, "step": 0}, "do not fit this run"),
+    (lambda s: {**s, "next_group": "1"}, "next_group: expected a non-negative integer"),
+    (lambda s: {k: v for k, v in s.items() if k != "optimizer"}, "does not restore \\(KeyError"),
+    (lambda s: {**s, "factor_rng": [3, [1, 2], None]}, "does not restore \\(ValueError"),
+])
+def test_an_edited_checkpoint_is_a_clear_error_not_a_finished_update(tmp_path, edit, message):
+    model = tiny_model("llama")
+    config = small_config(batch_size=2, epochs=2, checkpoint_every=1)
+
+    def stop(record):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_update(model, CharTokenizer(), toy_pairs(4), config, out_dir=tmp_path / "run", progress=False,
+                     callback=stop)
+    state_path = tmp_path / "run" / "checkpoint" / "state.json"
+    state_path.write_text(json.dumps(edit(json.loads(state_path.read_text()))))
+    with pytest.raises(TrainingError, match=message):
+        train_update(model, CharTokenizer(), toy_pairs(4), config, out_dir=tmp_path / "run", progress=False,
+                     resume=True)
+    assert not (tmp_path / "run" / "update").exists()

@@ -8,6 +8,8 @@ always valid JSON: non-finite floats are written as null (never as the non-stand
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import json
 import math
@@ -122,6 +124,47 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive hold on a run folder for as long as the block runs: a second process (or a second lock in
+    this one) is refused at once with the holder's PID, instead of both writing the same files.
+
+    `fcntl.flock` on `FOLDER/.lock`: the kernel drops the lock when the holder exits, however it exits, so a
+    killed run never leaves the folder locked. The file is left in place (deleting it would let two processes
+    lock two different files of one name).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UnisteerError(f"{path}: cannot lock the run folder ({exc.strerror})") from exc
+            raise UnisteerError(f"{self.folder} is in use by another unisteer process (PID {holder}); wait for it "
+                                "to finish or choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # releases the lock
+            self._fd = None
 
 
 def _finite(value: Any) -> Any:

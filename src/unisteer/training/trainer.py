@@ -49,7 +49,9 @@ from ..engine.steering import Steering
 from ..engine.storage import save_update
 from ..engine.updates import Update, create_update, eval_mode
 from ..errors import DataError, TrainingError, UnisteerError
+from ..files import RunLock
 from .checkpoint import (
+    STATE,
     load_checkpoint,
     restore_training_state,
     save_checkpoint,
@@ -113,6 +115,26 @@ def train_update(model: nn.Module, tokenizer: Any, train: PairDataset, config: T
                        progress=progress, overwrite=overwrite, split_record=split_record, encoder=encoder,
                        callback=callback)
     return trainer.run()
+
+
+def _checkpoint_position(where: Path, state: dict[str, Any], epochs: int, steps_per_epoch: int
+                         ) -> tuple[int, int, int]:
+    """(step, epoch, next_group) of a checkpoint, checked against the run: an edited `epoch: 99` would
+    otherwise skip the remaining epochs and save a partly trained update as finished."""
+    position = []
+    for key in ("step", "epoch", "next_group"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TrainingError(f"{where}: {key}: expected a non-negative integer, got {value!r}")
+        position.append(value)
+    step, epoch, group = position
+    if (epoch > epochs or group >= steps_per_epoch or (epoch == epochs and group)
+            or step != epoch * steps_per_epoch + group):
+        raise TrainingError(f"{where}: step {step}, epoch {epoch}, next_group {group} do not fit this run "
+                            f"({epochs} epoch(s) of {steps_per_epoch} step(s); step = epoch x {steps_per_epoch} + "
+                            "next_group): the checkpoint was edited or belongs to another run; start over with "
+                            "overwrite=True")
+    return step, epoch, group
 
 
 class _Trainer:
@@ -238,13 +260,19 @@ class _Trainer:
         if state.get("data_hash") != self.data_hash:
             raise TrainingError(f"{path}: the checkpoint was trained on different data (hash "
                                 f"{state.get('data_hash')!r}, now {self.data_hash!r})")
-        restore_training_state(tensors, state, self.update, self.optimizer, self.scheduler, self.factor_rng,
-                               self.device)
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        step, epoch, next_group = _checkpoint_position(path / STATE, state, self.config.epochs,
+                                                       self.steps_per_epoch)
+        try:
+            restore_training_state(tensors, state, self.update, self.optimizer, self.scheduler, self.factor_rng,
+                                   self.device)
+            self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+            # What a hand-edited state.json breaks inside torch's and random's own loaders.
+            raise TrainingError(f"{path / STATE}: the checkpoint does not restore ({type(exc).__name__}: {exc}); "
+                                "start over with overwrite=True") from exc
         self.eval_before = state.get("eval_before")
-        step = int(state["step"])
         self.folder.truncate_metrics(step)
-        return step, int(state["epoch"]), int(state["next_group"])
+        return step, epoch, next_group
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self.started)
@@ -268,6 +296,11 @@ class _Trainer:
         return [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
 
     def run(self) -> TrainResult:
+        # Two trainings into one folder would log every step twice and leave a stale checkpoint: one at a time.
+        with RunLock(self.out_dir):
+            return self._run_locked()
+
+    def _run_locked(self) -> TrainResult:
         self.folder.prepare(resume=self.resume, overwrite=self.overwrite)
         self.data_hash = self.train_data.hash()
         devices = [self.device] if self.device.type == "cuda" else []
