@@ -5,8 +5,11 @@ Each case here was a defect found by a hostile test of the CLI, library and serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
+import signal
 import stat
 import time
 
@@ -85,6 +88,8 @@ def test_saved_updates_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / "update.safetensors").stat().st_mode) == 0o644  # safetensors' writer: 0600
+    assert stat.S_IMODE((path / "update.json").stat().st_mode) == 0o644
 
 
 def test_cli_reports_broken_updates_in_one_line(saved, capsys):
@@ -108,3 +113,41 @@ def test_generation_that_overflows_is_an_error_not_empty_text():
     with pytest.raises(UnisteerError, match="NaN or infinite at m = \\[2.0\\]"):
         generate_steered(model, char_tokenizer(), ["hi"], update.eval(), [0.0, 2.0], SamplingConfig(max_new_tokens=3),
                          progress=False)
+
+
+# -- round two (#18) -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past `nbytes` fail with EFBIG, as on a full disk (SIGXFSZ ignored so that the write just fails)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("name", ["u", "u.safetensors"])
+def test_a_full_disk_while_saving_is_one_error_and_leaves_nothing(tmp_path, name):
+    """Was a SafetensorError traceback and a leftover temporary folder."""
+    update = create_update(tiny_model("llama"), "local_weight", 1, seed=0)  # a few KiB of tensors
+    with file_size_limit(1024), pytest.raises(UnisteerError, match=f"{name}: cannot save the update"):
+        save_update(update, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_exporting_leaves_no_partial_file(tmp_path):
+    from unisteer.engine.control_vector import export_control_vector
+    from unisteer.engine.storage import export_peft_adapter
+    from unisteer.files import write_json
+
+    model = tiny_model("llama")
+    with file_size_limit(64), pytest.raises(OSError):
+        write_json(tmp_path / "summary.json", {"x": "y" * 1000})
+    with file_size_limit(64), pytest.raises(OSError):
+        export_control_vector(create_update(model, "vector", 1, seed=0), tmp_path / "cv.gguf", model_name="llama")
+    with file_size_limit(64), pytest.raises(OSError):
+        export_peft_adapter(create_update(model, "lora", 1, rank=2, seed=0), model, tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []

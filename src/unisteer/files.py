@@ -30,11 +30,14 @@ def partial_path(path: Path) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """`data` at `path`, never half of it; a failed write (a full disk) leaves no `.partial` file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with writing_file(path) as fh:
+        fh.write(data)
     return path
 
 

@@ -34,6 +34,7 @@ and `apply_to` define, and that is what an import reproduces.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -167,7 +168,8 @@ def _write_gguf(path: Path, directions: dict[int, np.ndarray], *, model_hint: st
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     except BaseException:
-        writer.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
     writer.close()

@@ -14,18 +14,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError, UnisteerError
-from ..files import partial_path, read_json, temporary_folder_beside, write_json, writing_folder
+from ..files import read_json, write_bytes, write_json, write_text, writing_folder
 from .architecture import model_structure
 from .devices import module_device
 from .updates import LoRAUpdate, Update, UpdateSpec, check_compatible, update_from_spec
@@ -47,19 +46,24 @@ def save_update(update: Update, path: str | Path, *, overwrite: bool = False) ->
     metadata = {"format": "unisteer-update", "format_version": FORMAT_VERSION,
                 "spec": dataclasses.asdict(update.spec)}
     tensors = {name: p.detach().to(torch.float32).contiguous().cpu() for name, p in update.named_parameters()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        tmp = partial_path(path)
-        save_file(tensors, str(tmp), metadata={"unisteer": json.dumps(metadata)})
-        tmp.replace(path)
-        return path
-    tmp_dir = temporary_folder_beside(path)
-    save_file(tensors, str(tmp_dir / TENSORS_FILE), metadata={"format": "pt"})
-    (tmp_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    tmp_dir.rename(path)
+    try:
+        if path.suffix == ".safetensors":
+            write_safetensors(path, tensors, {"unisteer": json.dumps(metadata)})
+            return path
+        if path.is_file():  # replaced by a folder (overwrite=True)
+            path.unlink()
+        with writing_folder(path, replace=True) as tmp:
+            write_safetensors(tmp / TENSORS_FILE, tensors, {"format": "pt"})
+            write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2, default=str))
+    except OSError as exc:  # a full disk or a missing permission: nothing half-written is left
+        raise UnisteerError(f"{path}: cannot save the update ({exc.strerror or exc})") from exc
     return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Tensors as a safetensors file, written through `unisteer.files`: safetensors' own writer makes the
+    file 0600 whatever the umask, and leaves a SafetensorError and a half file when the disk is full."""
+    write_bytes(path, save(tensors, metadata=metadata))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -198,6 +202,6 @@ def export_peft_adapter(update: Update, model: nn.Module, folder: str | Path, *,
     tensors = {f"{prefix}.lora_A.weight": update.lora_A.detach().float().contiguous().cpu(),
                f"{prefix}.lora_B.weight": update.lora_B.detach().float().contiguous().cpu()}
     with writing_folder(folder, replace=True) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})
         write_json(tmp / "adapter_config.json", config)
     return folder

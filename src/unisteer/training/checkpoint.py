@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..engine.storage import write_safetensors
 from ..errors import UnisteerError
 from ..files import read_json, write_json, writing_folder
 
@@ -27,8 +28,8 @@ LEGACY_PICKLE = "checkpoint.pt"
 
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     with writing_folder(folder, replace=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
-                  metadata={"format": "unisteer-checkpoint"})
+        write_safetensors(tmp / TENSORS, {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                          {"format": "unisteer-checkpoint"})
         write_json(tmp / STATE, state, indent=1)
 
 
