@@ -139,3 +139,44 @@ def test_report_rejects_unknown_variant(report):
     folder, fits, _ = report
     with pytest.raises(ConfigError, match="variant"):
         write_report(folder, fits=fits, variant="median")
+
+
+def test_tradeoff_and_confounds_are_stated_and_written(report):
+    folder, fits, html_path = report
+    shaped = fits.tradeoff[("shaped", "test", "sum")]
+    assert shaped.peak.m == 0.0 and shaped.peak.near_zero and shaped.peak.falls_both_sides
+    by_metric = {t.metric: t for t in shaped.manifold}
+    assert by_metric["off_subspace"].spearman_rho < -0.8 and by_metric["off_subspace"].spearman_ci[1] < -0.5
+    flat = fits.tradeoff[("reversed", "test", "sum")]
+    assert flat.manifold == []  # no manifold rows were written for it
+    # Completions of equal length in every pair: the length balance check says so and flags nothing.
+    confounds = fits.confounds[("shaped", "test", "sum")]
+    assert confounds.balance[0].note == "equal in every pair" and not confounds.balance[0].flagged
+    notes = " ".join(observations(fits, "sum"))
+    assert "trade-off on 'test': utility peaks at m = 0" in notes and "near m = 0, as in the paper" in notes
+    assert "utility falls where activations leave the manifold" in notes
+    written = json.loads((folder / "tradeoff.json").read_text())
+    assert written["shaped/test/sum"]["peak"]["falls_both_sides"] is True
+    assert "shaped/test/sum" in json.loads((folder / "confounds.json").read_text())
+    page = html_path.read_text()
+    assert "The trade-off: where utility peaks, and what tracks it" in page
+    assert "Length and perplexity: balance and orthogonality" in page
+
+
+def test_run_report_finding_states_the_tradeoff_beside_its_plot(report, tmp_path):
+    from unisteer.run_report import tradeoff_findings, write_run_report
+
+    _, fits, _ = report
+    summary = {"data": "toy", "model": "synthetic", "dtype": "float32", "layer": 3, "variant": "sum",
+               "rows": [{"cell": "vanilla", "utility_m0": {"mean": 2.0, "ci_low": 1.9, "ci_high": 2.1}},
+                        {"cell": "shaped"}, {"cell": "reversed"}]}
+    lines = tradeoff_findings(summary, fits)
+    shaped = [line for line in lines if line.startswith("<b>shaped</b>")]
+    assert "(F3): utility peaks at m = 0" in shaped[0] and "falls on both sides" in shaped[0]
+    assert "(F4)" in shaped[1] and "Spearman ρ = -" in shaped[1]
+    assert not any("(F4)" in line for line in lines if line.startswith("<b>reversed</b>"))
+    assert "no cell's scores are explained by completion length" in lines[-1]
+    page = write_run_report(tmp_path, summary, fits).read_text()
+    finding = page.split("<h2>Finding</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "(F3)" in finding and "utility vs m on test" not in finding.split("<img", 1)[0]
+    assert (tmp_path / "plots" / "utility_vs_m_test.png").read_bytes().startswith(b"\x89PNG")

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from .analysis.fits import SweepFits
-from .analysis.plots import Reference, TradeoffCurve, plot_tradeoff
-from .analysis.report import Block, format_number, observations, render_html, render_markdown
+from .analysis.plots import Curve, Reference, TradeoffCurve, plot_metric, plot_tradeoff
+from .analysis.report import METRIC_LABELS, Block, format_number, observations, render_html, render_markdown
 from .files import read_json, write_text
 
 
@@ -25,11 +25,11 @@ def write_run_report(out_dir: str | Path, summary: dict[str, Any], fits: SweepFi
     the Table-3 comparison with intervals, then the settings and the sweep's account."""
     out = Path(out_dir)
     plots = []
-    tradeoff = _run_tradeoff_plot(out, summary, fits)
-    if tradeoff is not None:
-        plots.append(tradeoff)
+    for plot in (_run_tradeoff_plot(out, summary, fits), _utility_plot(out, summary, fits)):
+        if plot is not None:
+            plots.append(plot)
     header, rows = table3_rows(summary)
-    blocks = [Block("h2", "Finding"), Block("ul", items=headline(summary))]
+    blocks = [Block("h2", "Finding"), Block("ul", items=headline(summary) + tradeoff_findings(summary, fits))]
     for caption, path in plots:
         blocks.append(Block("img", text=caption, path=path))
     blocks += [Block("h2", "Table 3: test scores at the multipliers chosen on dev"),
@@ -153,6 +153,51 @@ def headline(summary: dict[str, Any]) -> list[str]:
         lines.append(f"Utility of the plain model on test: UtilOdds {_utility_text(zero)} ({summary.get('variant')} "
                      "variant).")
     return lines
+
+
+def tradeoff_findings(summary: dict[str, Any], fits: SweepFits, split: str = "test") -> list[str]:
+    """The paper's F3 and F4 per cell on held-out items, as sentences that follow from the sweep's intervals:
+    where utility peaks and whether it falls on both sides; how the off-manifold distance tracks utility; and
+    whether the scores are explained by completion length or plain-model NLL (a flagged dataset is said so)."""
+    variant = summary.get("variant", "sum")
+    lines, flagged = [], []
+    for row in summary["rows"]:
+        cell = row["cell"]
+        tradeoff = fits.tradeoff.get((cell, split, variant))
+        if cell == "vanilla" or tradeoff is None:
+            continue
+        peak = tradeoff.peak
+        at_zero = "" if peak.value_at_zero is None else f"; at m = 0 it is {peak.value_at_zero:.2f}"
+        lines.append(f"<b>{cell}</b> — utility on {split} (F3): {peak.sentence()}{at_zero}.")
+        tracked = [t.sentence(METRIC_LABELS[t.metric]) for t in tradeoff.manifold]
+        if tracked:
+            lines.append(f"<b>{cell}</b> — off-manifold distance vs utility on {split} (F4): " + "; ".join(tracked)
+                         + ".")
+        confounds = fits.confounds.get((cell, split, variant))
+        if confounds is not None and confounds.flagged:
+            flagged.append(f"<b>{cell}</b>: {confounds.sentence()}")
+    if flagged:
+        lines.append("Length / perplexity checks FLAG this dataset — scores partly follow completion length or the "
+                     "plain model's NLL: " + "; ".join(flagged) + ".")
+    elif lines and any(key[1] == split for key in fits.confounds):
+        lines.append(f"Length / perplexity checks on {split}: no cell's scores are explained by completion length or "
+                     "plain-model NLL (balance and orthogonality intervals in the sweep report).")
+    return lines
+
+
+def _utility_plot(out: Path, summary: dict[str, Any], fits: SweepFits, split: str = "test"
+                  ) -> tuple[str, Path] | None:
+    variant = summary.get("variant", "sum")
+    curves = [Curve.from_aggregated(row["cell"], pair.utility) for row in summary["rows"]
+              if (pair := fits.curves.get((row["cell"], split, variant))) is not None]
+    if not curves:
+        return None
+    zero = next((r for r in summary["rows"] if r["cell"] == "vanilla"), {}).get("utility_m0")
+    references = [Reference(zero["mean"], "plain model (m = 0)")] if zero else []
+    path = plot_metric(out / "plots" / f"utility_vs_m_{split}.png", curves, ylabel=f"UtilOdds ({variant})",
+                       references=references, title=f"utility vs m on {split}: the paper predicts a peak at m = 0")
+    return (f"Utility (UtilOdds, {variant} variant) against m on {split} for every cell, with 95 % intervals: "
+            "the paper's trade-off is a peak near m = 0 falling on both sides.", path)
 
 
 def _run_tradeoff_plot(out: Path, summary: dict[str, Any], fits: SweepFits) -> tuple[str, Path] | None:

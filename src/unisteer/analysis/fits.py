@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,13 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, FitError
 from ..files import write_csv, write_json
+from .confounds import ConfoundReport, confound_checks
 from .fitting import DecayFit, fit_preference, fit_utility, score
 from .logodds import VARIANTS, AggregatedCurve, aggregate_per_multiplier, compute_log_odds, paired_change
 from .manifold import correlate
 from .paired import PairScore
 from .sweep import _scores_path, log, read_scores, read_sweep_info
+from .tradeoff import ExampleGrid, ManifoldTracking, UtilityPeak, manifold_tracking, utility_peak
 
 
 @dataclass
@@ -69,6 +71,17 @@ class UpdateFit:
 
 
 @dataclass
+class TradeOff:
+    """F3 and F4 of one (update, split, variant): the utility peak and how distance tracks utility."""
+
+    peak: UtilityPeak
+    manifold: list[ManifoldTracking]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak": self.peak.to_dict(), "manifold": [t.to_dict() for t in self.manifold]}
+
+
+@dataclass
 class SweepFits:
     """Everything `fit_sweep` computed, as written to the files listed in `files`."""
 
@@ -80,6 +93,8 @@ class SweepFits:
     manifold: dict[tuple[str, str, int, str], AggregatedCurve]  # (update, split, layer, metric)
     correlations: list[dict[str, Any]]
     files: dict[str, Path]
+    tradeoff: dict[tuple[str, str, str], TradeOff] = field(default_factory=dict)  # (update, split, variant)
+    confounds: dict[tuple[str, str, str], ConfoundReport] = field(default_factory=dict)
 
     @property
     def updates(self) -> list[str]:
@@ -174,7 +189,23 @@ def fit_sweep(out_dir: str | Path, *, fit_split: str | None = None) -> SweepFits
                                      "variant": variant, "m_min": float(common.min()), "m_max": float(common.max()),
                                      **result.to_dict()})
 
-    result = SweepFits(out, info, rows, curves, fits, manifold, correlations, {})
+    tradeoff, confounds = {}, {}
+    for (update, split), data in rows.items():
+        for variant, odds in data.log_odds.items():
+            utility = ExampleGrid.pivot(data.example, data.m, odds.util)
+            if utility.n_examples < 2:
+                continue
+            tracked = [manifold_tracking(ExampleGrid.pivot(data.example, data.m, values), utility, layer=layer,
+                                         metric=metric, n_boot=n_boot, level=level, seed=seed)
+                       for (layer, metric), values in sorted(data.manifold.items())]
+            tradeoff[(update, split, variant)] = TradeOff(
+                utility_peak(utility, n_boot=n_boot, level=level, seed=seed), tracked)
+            report = confound_checks(data.example, data.m, data.L_p, data.L_n, data.T_p, data.T_n, odds.pref,
+                                     odds.util, n_boot=n_boot, level=level, seed=seed)
+            if report is not None:
+                confounds[(update, split, variant)] = report
+
+    result = SweepFits(out, info, rows, curves, fits, manifold, correlations, {}, tradeoff, confounds)
     result.files = _write_fit_files(result)
     return result
 
@@ -204,7 +235,8 @@ def _fit_update(update: str, variant: str, fit_split: str, curves: Mapping[tuple
 def _write_fit_files(result: SweepFits) -> dict[str, Path]:
     out = result.out_dir
     files = {name: out / name for name in ("per_example.csv", "curves.csv", "fits.json", "fits.csv",
-                                           "manifold.csv", "manifold_correlations.csv", "summary.json")}
+                                           "manifold.csv", "manifold_correlations.csv", "tradeoff.json",
+                                           "confounds.json", "summary.json")}
     manifold_keys = sorted({key for data in result.rows.values() for key in data.manifold})
     header = ["update", "split", "example", "m", "L_p", "L_n", "T_p", "T_n"]
     for variant in VARIANTS:
@@ -259,6 +291,8 @@ def _write_fit_files(result: SweepFits) -> dict[str, Path]:
     write_csv(files["manifold_correlations.csv"], header,
                [[_csv_value(c[k]) for k in header] for c in result.correlations])
 
+    write_json(files["tradeoff.json"], {"/".join(key): t.to_dict() for key, t in result.tradeoff.items()})
+    write_json(files["confounds.json"], {"/".join(key): c.to_dict() for key, c in result.confounds.items()})
     summary = {
         "sweep": result.info,
         "curves": {f"{u}/{s}/{v}": {"preference": p.preference.to_dict(), "utility": p.utility.to_dict()}

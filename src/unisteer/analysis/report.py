@@ -179,6 +179,23 @@ def observations(fits: SweepFits, variant: str) -> list[str]:
         manifold = _manifold_note(fits, update, variant, fit.fit_split)
         if manifold:
             notes.append(f"<b>{update}</b> — manifold: {manifold}")
+        notes += tradeoff_notes(fits, update, variant, split)
+    return notes
+
+
+def tradeoff_notes(fits: SweepFits, update: str, variant: str, split: str) -> list[str]:
+    """F3 (where utility peaks), F4 (does distance track utility) and the confound checks, as sentences."""
+    notes = []
+    where = f"on '{split}'"
+    tradeoff = fits.tradeoff.get((update, split, variant))
+    if tradeoff is not None:
+        notes.append(f"<b>{update}</b> — trade-off {where}: {tradeoff.peak.sentence()}.")
+        tracked = [t.sentence(f"{METRIC_LABELS[t.metric]}") for t in tradeoff.manifold]
+        if tracked:
+            notes.append(f"<b>{update}</b> — manifold account {where}: " + "; ".join(tracked) + ".")
+    confounds = fits.confounds.get((update, split, variant))
+    if confounds is not None:
+        notes.append(f"<b>{update}</b> — length and perplexity {where}: {confounds.sentence()}.")
     return notes
 
 
@@ -399,6 +416,23 @@ def _document(fits: SweepFits, variant: str, plots: list[tuple[str, Path]]) -> l
                                            "reference examples"], rows=_reference_rows(info)),
                    Block("table", header=["update", "split", "layer", "metric", "variant", "Pearson r", "Spearman ρ",
                                            "multipliers", "note"], rows=_correlation_rows(fits))]
+    if fits.tradeoff:
+        blocks += [Block("h2", "The trade-off: where utility peaks, and what tracks it"),
+                   Block("p", "Peak: the multiplier of highest mean UtilOdds, with the bootstrap interval (over "
+                               "examples) of its location; 'falls' on a side when some multiplier there has a paired "
+                               "difference from the peak whose 95 % interval lies below 0. Distance–utility: "
+                               "Spearman ρ across multipliers of the per-m means, with a bootstrap interval."),
+                   Block("table", header=["update", "split", "variant", "peak m", "interval", "UtilOdds at peak",
+                                           "at m = 0", "falls below / above", "distance–utility ρ [interval]"],
+                          rows=_tradeoff_rows(fits))]
+    if fits.confounds:
+        blocks += [Block("h2", "Length and perplexity: balance and orthogonality"),
+                   Block("p", "Balance: the paired positive − negative difference of completion length and of the "
+                               "plain model's per-token NLL, as a standardised mean difference. Orthogonality: Spearman "
+                               "ρ across examples of the scores (at m = 0, and their change over +m and −m) against "
+                               "those features. Flagged: interval excludes 0 and |ρ| ≥ 0.3 or |SMD| ≥ 0.2."),
+                   Block("table", header=["update", "split", "variant", "check", "value", "interval", "flagged"],
+                          rows=_confound_rows(fits))]
     blocks += [Block("h2", "Plots")]
     for caption, path in plots:
         blocks += [Block("img", text=caption, path=path)]
@@ -489,6 +523,33 @@ def _correlation_rows(fits: SweepFits) -> list[list[Any]]:
              format_number(c["spearman_rho"]), c["n_points"], c["note"] or "-"] for c in fits.correlations]
 
 
+def _tradeoff_rows(fits: SweepFits) -> list[list[Any]]:
+    rows = []
+    for (update, split, variant), t in fits.tradeoff.items():
+        peak = t.peak
+        tracked = "; ".join(
+            f"{METRIC_LABELS[m.metric]} L{m.layer}: {format_number(m.spearman_rho)}"
+            + (f" [{m.spearman_ci[0]:.2f}, {m.spearman_ci[1]:.2f}]" if m.spearman_ci else "") for m in t.manifold)
+        rows.append([update, split, variant, f"{peak.m:g}", f"[{peak.ci[0]:g}, {peak.ci[1]:g}]",
+                     format_number(peak.value), format_number(peak.value_at_zero),
+                     f"{_yes_no(peak.falls_below)} / {_yes_no(peak.falls_above)}", tracked or "-"])
+    return rows
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _confound_rows(fits: SweepFits) -> list[list[Any]]:
+    rows = []
+    for (update, split, variant), report in fits.confounds.items():
+        for check in (*report.balance, *report.orthogonality):
+            interval = "-" if check.ci is None else f"[{check.ci[0]:.2f}, {check.ci[1]:.2f}]"
+            rows.append([update, split, variant, check.name, check.note or format_number(check.value), interval,
+                         "FLAG" if check.flagged else ""])
+    return rows
+
+
 def _describe_file(name: str) -> str:
     return {
         "per_example.csv": "every (update, split, example, m): L_p, L_n, token counts, log-odds of both variants, "
@@ -498,6 +559,10 @@ def _describe_file(name: str) -> str:
         "fits.csv": "the fits as a table",
         "manifold.csv": "per (update, split, layer, metric, m): mean distance with CI",
         "manifold_correlations.csv": "Pearson/Spearman of distance vs utility across m",
+        "tradeoff.json": "per (update, split, variant): the utility peak with its bootstrap interval, whether "
+                         "utility falls on each side, distance–utility correlations with intervals",
+        "confounds.json": "per (update, split, variant): balance and orthogonality checks against completion "
+                          "length and plain-model NLL, with intervals and flags",
         "summary.json": "all of the above in one file, with the sweep settings",
     }.get(name, "")
 
