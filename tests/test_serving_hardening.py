@@ -323,3 +323,30 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="first line is empty"):
         api_key_from("", str(tmp_path / "empty"), "")
+
+
+def test_updates_the_server_cannot_read_are_skipped_without_hanging(tmp_path):
+    """A deeply nested or folder update.json kept the server from starting; a FIFO one hung it forever."""
+    model = tiny_model("llama")
+    write_tiny_updates(model, tmp_path)
+    for name in ("nested", "folder", "fifo", "fifo_tensors"):
+        save_update(create_update(model, "vector", 1, seed=0), tmp_path / name)
+    (tmp_path / "nested" / "update.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "folder" / "update.json").unlink()
+    (tmp_path / "folder" / "update.json").mkdir()
+    (tmp_path / "fifo" / "update.json").unlink()
+    os.mkfifo(tmp_path / "fifo" / "update.json")
+    (tmp_path / "fifo_tensors" / "update.safetensors").unlink()
+    os.mkfifo(tmp_path / "fifo_tensors" / "update.safetensors")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    skipped: dict[str, str] = {}
+    loading = threading.Thread(target=load_updates_dir, args=(tmp_path, model, skipped), daemon=True)
+    loading.start()
+    loading.join(20)
+    assert not loading.is_alive(), "loading the updates hung"
+    assert set(skipped) == {"nested", "folder", "fifo", "fifo_tensors", "pipe"}
+    assert "nests too deeply" in skipped["nested"] and "found a folder" in skipped["folder"]
+    assert "named pipe" in skipped["fifo"] and "named pipe" in skipped["pipe"]
+    server, stack = start_tiny(tmp_path)
+    with stack:
+        assert httpx.get(server.server.url + "/health").json()["updates"] == ["down", "late", "lora", "up"]

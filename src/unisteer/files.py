@@ -90,6 +90,7 @@ def writing_folder(path: Path, *, replace: bool = False) -> Iterator[Path]:
 def read_json(path: str | Path, *, what: str = "file") -> Any:
     """JSON from `path`, or a `UnisteerError` naming the file, the line and what is wrong with it."""
     path = Path(path)
+    check_regular_file(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -98,6 +99,23 @@ def read_json(path: str | Path, *, what: str = "file") -> Any:
         raise UnisteerError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise UnisteerError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise UnisteerError(f"{path}: the JSON nests too deeply to read") from None
+
+
+def check_regular_file(path: Path, what: str = "file") -> None:
+    """Refuse what is there but is not a plain file: a folder would fail with an OSError, and reading a FIFO
+    (named pipe) would wait forever for a writer."""
+    if path.exists() and not path.is_file():
+        raise UnisteerError(f"{path}: expected a regular file ({what}), found a {_kind(path)}")
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    if path.is_fifo():
+        return "named pipe (FIFO)"
+    return "special file"
 
 
 def read_yaml(path: str | Path, *, what: str = "file") -> Any:

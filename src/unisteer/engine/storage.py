@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError, UnisteerError
-from ..files import read_json, write_bytes, write_json, write_text, writing_folder
+from ..files import check_regular_file, read_json, write_bytes, write_json, write_text, writing_folder
 from .architecture import model_structure
 from .devices import module_device
 from .updates import LoRAUpdate, Update, UpdateSpec, check_compatible, update_from_spec
@@ -71,6 +71,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UnisteerError(f"{path}: no such update file or folder")
+    if not path.is_dir():
+        check_regular_file(path, "update file")
     if path.is_dir():
         meta_path = path / METADATA_FILE
         if not meta_path.exists():
@@ -139,6 +141,7 @@ def load_update(path: str | Path, model: nn.Module | None = None, *, strict_mode
     tensor_path = path / TENSORS_FILE if path.is_dir() else path
     if not tensor_path.exists():
         raise UnisteerError(f"{tensor_path}: missing (the update's tensors)")
+    check_regular_file(tensor_path, "tensor file")
     stored, expected = _tensor_shapes(tensor_path), spec.tensor_shapes()
     if set(stored) != set(expected):
         raise UnisteerError(f"{tensor_path}: tensors {sorted(stored)} do not match form {spec.form!r} "

@@ -127,7 +127,7 @@ def load_updates_dir(directory: str | Path | None, model: nn.Module,
     for path in sorted(directory.iterdir()):
         if path.name.startswith(".") or not (path.is_dir() or path.suffix == ".safetensors"):
             continue
-        name = path.stem if path.is_file() else path.name
+        name = path.name if path.is_dir() else path.stem  # a FIFO x.safetensors is named x too
         if "+" in name or "@" in name:
             raise UnisteerError(f"{path}: update names may not contain '+' or '@' (they separate update terms "
                                 "in model names); rename it")
