@@ -73,6 +73,8 @@ def test_pipeline_end_to_end_tiny(capsys, tmp_path, default_model):
     for row in summary["rows"][1:]:
         assert row["toward"]["multiplier"] >= 0 >= row["away"]["multiplier"]
         assert 0.0 <= row["toward"]["accuracy"] <= 1.0 and "balanced_accuracy" in row["toward"]
+    assert "(F3)" in report.split("Table 3")[0]  # where utility peaks, stated in the finding
+    assert summary["matched_utility_by_form"].keys() <= {"vector"}
     rendering = json.loads((run / "rendering.json").read_text())
     assert rendering["chosen_by"] == "measurement" and rendering["rendering"]["completion_space"] == "join"
     trained = json.loads((run / "cells" / "split-vector" / "update" / "update.json").read_text())["spec"]["training"]
@@ -81,3 +83,37 @@ def test_pipeline_end_to_end_tiny(capsys, tmp_path, default_model):
     code, out, err = run_cli(capsys, "run", str(path), "--no-progress")
     assert code == 0, err
     assert (run / "cells" / "split-vector" / "update" / "update.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_matched_utility_compares_objectives_within_each_form():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from unisteer.pipeline import CellConfig, _matched_utility
+
+    def curve(utility_by_m):
+        m = np.array(sorted(utility_by_m), dtype=float)
+        mean = np.array([utility_by_m[k] for k in sorted(utility_by_m)], dtype=float)
+        return SimpleNamespace(utility=SimpleNamespace(m=m, mean=mean, ci_low=mean - 0.1, ci_high=mean + 0.1))
+
+    def evaluation(toward, rows):
+        return {"toward": {"multiplier": toward, "balanced_accuracy": dict(rows)[toward]},
+                "test_rows": [{"multiplier": m, "balanced_accuracy": b} for m, b in rows]}
+
+    cells = [CellConfig("lora", "split"), CellConfig("lora", "sft"), CellConfig("vector", "split")]
+    fits = SimpleNamespace(curves={("split-lora", "test", "sum"): curve({0.0: 1.0, 1.0: 0.5}),
+                                   ("sft-lora", "test", "sum"): curve({0.0: 1.0, 1.0: 0.2, 2.0: 0.6}),
+                                   ("split-vector", "test", "sum"): curve({0.0: 1.0, 8.0: 0.9})})
+    evaluations = {"split-lora": evaluation(1.0, [(0.0, 0.5), (1.0, 0.8)]),
+                   "sft-lora": evaluation(1.0, [(0.0, 0.5), (1.0, 0.7), (2.0, 0.9)]),
+                   "split-vector": evaluation(8.0, [(0.0, 0.5), (8.0, 0.95)])}
+    lora = _matched_utility(cells[:2], evaluations, fits, "sum")
+    # The level is that of the best cell at its chosen +m (split-lora: 0.8 at utility 0.5); sft-lora's m = 2
+    # keeps utility 0.6 ≥ 0.5, so it is admitted, while its m = 1 (utility 0.2) is not. The vector cell plays no part.
+    assert lora["reference_cell"] == "split-lora" and lora["utility_at_least"] == 0.5
+    assert lora["cells"] == {"split-lora": {"balanced_accuracy": 0.8, "multiplier": 1.0},
+                             "sft-lora": {"balanced_accuracy": 0.9, "multiplier": 2.0}}
+    every = _matched_utility(cells, evaluations, fits, "sum")
+    assert every["reference_cell"] == "split-vector" and every["utility_at_least"] == 0.9
+    assert every["cells"]["sft-lora"] == {"balanced_accuracy": 0.5, "multiplier": 0.0}

@@ -440,9 +440,15 @@ def _summary(config: RunConfig, dtype: str, layer: int, timings, fits, evaluatio
             row["steers"] = _steers(row)
         row["fits"] = _fit_columns(fits.fits.get((cell.name, variant)))
         rows.append(row)
-    matched = _matched_utility(config, evaluations, fits, variant)
+    matched = _matched_utility(config.cells, evaluations, fits, variant)
+    # The paper compares objectives within a form (Table 3 per form): matched utility per form as well.
+    by_form = {}
+    for form in dict.fromkeys(c.form for c in config.cells):
+        within = _matched_utility([c for c in config.cells if c.form == form], evaluations, fits, variant)
+        if within is not None and len(within["cells"]) > 1:
+            by_form[form] = within
     return {"model": config.model, "dtype": dtype, "layer": layer, "data": config.data, "variant": variant,
-            "rows": rows, "matched_utility": matched}
+            "rows": rows, "matched_utility": matched, "matched_utility_by_form": by_form}
 
 
 def _score_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -472,11 +478,11 @@ def _utility_at(fits, update: str | None, m: float, variant: str) -> dict[str, f
             "ci_high": float(pair.utility.ci_high[i])}
 
 
-def _matched_utility(config: RunConfig, evaluations, fits, variant: str) -> dict[str, Any] | None:
+def _matched_utility(cells: list[CellConfig], evaluations, fits, variant: str) -> dict[str, Any] | None:
     """Each cell's best test balanced accuracy at m >= 0 among multipliers whose test utility is at least that of
     the best cell's chosen +m: the comparison "at matched utility"."""
     best, level = None, None
-    for cell in config.cells:
+    for cell in cells:
         evaluation = evaluations.get(cell.name)
         if not evaluation or not evaluation.get("toward"):
             continue
@@ -491,7 +497,7 @@ def _matched_utility(config: RunConfig, evaluations, fits, variant: str) -> dict
     if best is None:
         return None
     by_cell = {}
-    for cell in config.cells:
+    for cell in cells:
         evaluation = evaluations.get(cell.name)
         if not evaluation:
             continue

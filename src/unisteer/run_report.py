@@ -148,6 +148,11 @@ def headline(summary: dict[str, Any]) -> list[str]:
         lines.append(f"At matched utility (test UtilOdds ≥ {matched['utility_at_least']:.2f}, that of "
                      f"{matched['reference_cell']} at its chosen +m), the best test balanced accuracy at m ≥ 0 is: "
                      f"{cells}.")
+    for form, within in summary.get("matched_utility_by_form", {}).items():
+        cells = ", ".join(f"{name} {v['balanced_accuracy']:.2f} (m = {v['multiplier']:g})"
+                          for name, v in within["cells"].items())
+        lines.append(f"Within the {form} form, at matched utility (test UtilOdds ≥ {within['utility_at_least']:.2f}, "
+                     f"that of {within['reference_cell']}): {cells}.")
     zero = next((r for r in summary["rows"] if r["cell"] == "vanilla"), {}).get("utility_m0")
     if zero:
         lines.append(f"Utility of the plain model on test: UtilOdds {_utility_text(zero)} ({summary.get('variant')} "
