@@ -222,6 +222,11 @@ def test_generator_files_with_many_layers(tmp_path):
     ("all_zero", r"every direction is zero"),
     ("not_gguf", r"not a readable GGUF file"),
     ("absent", r"no such control vector file"),
+    ("duplicate", r"tensor 'direction.015': layer 15 already has tensor 'direction.15'"),
+    ("far_layer", r"layer 2000000 is beyond any model"),
+    ("no_values", r"0 values \(n_embd\), expected between 1"),
+    ("other_digits", r"expected only tensors named direction.<layer>"),
+    ("overflow", r"times scale 1e\+39 overflows float32"),
 ])
 def test_bad_files_are_refused_naming_file_and_field(tmp_path, case, match):
     path = tmp_path / f"{case}.gguf"
@@ -244,8 +249,19 @@ def test_bad_files_are_refused_naming_file_and_field(tmp_path, case, match):
         write_file(path, directions={})
     elif case == "not_gguf":
         path.write_bytes(b"not a gguf file at all")
+    elif case == "duplicate":  # two spellings of layer 15: one used to replace the other silently
+        write_file(path, directions={"direction.15": np.ones(32), "direction.015": np.full(32, 2.0)})
+    elif case == "far_layer":
+        write_file(path, directions={"direction.2000000": np.ones(32)})
+    elif case == "no_values":
+        write_file(path, directions={"direction.1": np.ones(0)})
+    elif case == "other_digits":
+        write_file(path, directions={"direction.\u0661\u0665": np.ones(32)})  # Arabic-Indic "15"
+    elif case == "overflow":
+        write_file(path, directions=ones)
     with pytest.raises(UnisteerError, match=match) as info:
-        import_control_vector(path, layer=2 if case == "missing" else None, input_size=48)
+        import_control_vector(path, layer=2 if case == "missing" else None, input_size=48,
+                              scale=1e39 if case == "overflow" else 1.0)
     assert str(path) in str(info.value)
 
 

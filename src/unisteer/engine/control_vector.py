@@ -51,7 +51,7 @@ from ..config import from_dict
 from ..errors import ConfigError, UnisteerError, UpdateMismatchError
 from ..files import partial_path
 from .architecture import model_structure, text_config
-from .updates import Positions, Update, UpdateSpec, VectorUpdate, check_compatible
+from .updates import MAX_DIMENSION, Positions, Update, UpdateSpec, VectorUpdate, check_compatible
 
 ARCHITECTURE = "controlvector"
 KEY_ARCHITECTURE = "general.architecture"
@@ -70,7 +70,7 @@ MLP_INTO_RESIDUAL_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3",
 # ... and those that transform it first (a norm after the MLP, or a residual multiplier).
 MLP_TRANSFORMED_MODEL_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "olmo2",
                                          "olmo3", "granite", "granitemoe"})
-_DIRECTION = re.compile(r"direction\.(\d+)")
+_DIRECTION = re.compile(r"direction\.(\d+)", re.ASCII)  # int() would also read other scripts' digits
 
 
 def export_control_vector(update: Update, path: str | Path, *, model_name: str, multiplier: float = 1.0,
@@ -219,6 +219,7 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     if hint is not None and not isinstance(hint, str):
         raise UnisteerError(f"{path}: {KEY_MODEL_HINT} should be a string, got {hint!r}")
     directions: dict[int, np.ndarray] = {}
+    names: dict[int, str] = {}
     for tensor in reader.tensors:
         where = f"{path}: tensor {tensor.name!r}"
         match = _DIRECTION.fullmatch(tensor.name)
@@ -227,11 +228,19 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
         il = int(match.group(1))
         if il == 0:
             raise UnisteerError(f"{where}: layer 0 is never steered by llama.cpp (it refuses direction.0)")
+        if il > MAX_DIMENSION:
+            raise UnisteerError(f"{where}: layer {il} is beyond any model (at most {MAX_DIMENSION})")
+        if il in names:  # e.g. direction.15 and direction.015: one would silently replace the other
+            raise UnisteerError(f"{where}: layer {il} already has tensor {names[il]!r}; expected one direction "
+                                "per layer")
+        names[il] = tensor.name
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
             raise UnisteerError(f"{where}: type {tensor.tensor_type.name}, expected F32")
         dims = [int(d) for d in tensor.shape]
         if not dims or any(d != 1 for d in dims[1:]):
             raise UnisteerError(f"{where}: shape {dims}, expected a 1-D vector")
+        if not 1 <= dims[0] <= MAX_DIMENSION:
+            raise UnisteerError(f"{where}: {dims[0]} values (n_embd), expected between 1 and {MAX_DIMENSION}")
         values = np.array(tensor.data, dtype=np.float32).reshape(-1)
         if directions and len(values) != len(next(iter(directions.values()))):
             raise UnisteerError(f"{where}: {len(values)} values, but the file's other directions have "
@@ -315,9 +324,14 @@ def import_control_vector(path: str | Path, *, layer: int | None = None, model: 
                                     "fingerprint": cv.metadata.get(KEY_FINGERPRINT, "")}, **fields)
     except ConfigError as exc:
         raise UnisteerError(f"{cv.path}: {exc}") from exc
+    with np.errstate(over="ignore"):  # an overflow is reported below, as an error
+        vector = (cv.directions[layer].astype(np.float64) * float(scale)).astype(np.float32)
+    if not np.isfinite(vector).all():
+        raise UnisteerError(f"{cv.path}: direction.{layer} times scale {scale:g} overflows float32 (NaN or "
+                            "infinite values); use a smaller scale")
     update = VectorUpdate(spec)
     with torch.no_grad():
-        update.vector.copy_(torch.from_numpy(cv.directions[layer] * np.float32(scale)))
+        update.vector.copy_(torch.from_numpy(vector))
     if model is not None:
         update.to(next(model.parameters()).device)
     return update.eval()
