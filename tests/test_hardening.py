@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import stat
+import sys
 import time
 
 import pytest
@@ -164,3 +165,27 @@ def test_multiplier_validation_is_linear():
     assert time.perf_counter() - started < 1
     with pytest.raises(ConfigError, match=r"duplicated multiplier\(s\) \[3.0\]"):
         check_multipliers(values + [3.0])
+
+
+def test_a_nan_split_in_a_run_config_is_refused_before_the_model_loads(tmp_path, capsys):
+    """`split: {train: .nan}` passed every check and failed with a traceback after the model had loaded."""
+    config = tmp_path / "run.yaml"
+    config.write_text("data: pairs.jsonl\nmodel: /no/such/model\nsplit: {train: .nan}\n"
+                      "cells: [{form: vector, objective: split}]\n")
+    code = main(["run", str(config)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR and "Traceback" not in err
+    assert err.strip() == f"error: {config}: split train=nan: counts must be >= 0, fractions in [0, 1]"
+
+
+def test_a_ray_client_address_without_ray_client_is_one_error(tmp_path, monkeypatch):
+    """`executor: ray` with a ray:// address and no `ray[client]` gave ray.init's ValueError traceback."""
+    pytest.importorskip("ray")
+    from unisteer.errors import ConfigError
+    from unisteer.pipeline import RunConfig, run_pipeline
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # as if ray[client] were not installed
+    config = RunConfig(data="pairs.jsonl", cells=[{"form": "vector", "objective": "split"}], executor="ray",
+                       ray={"address": "ray://127.0.0.1:1"}, out=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"ray.address 'ray://127.0.0.1:1': .*pip install 'ray\[client\]'"):
+        run_pipeline(config, progress=False)

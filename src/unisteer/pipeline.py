@@ -138,6 +138,7 @@ class RunConfig:
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a run config completely (every section) before anything runs."""
     from .analysis.sweep import SweepConfig
+    from .data.pairs import SplitConfig
     from .data.rendering import Rendering
     from .training.config import TrainConfig
 
@@ -145,6 +146,11 @@ def load_run_config(path: str | Path) -> RunConfig:
     raw = read_yaml(path, what="config file")
     config = from_dict(RunConfig, raw or {}, where=str(path))
     from_dict(SweepConfig, config.sweep, where=f"{path}: sweep")
+    if config.split is not None:  # each field now, not after the model has loaded
+        try:
+            from_dict(SplitConfig, config.split, where="split")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     for cell in config.cells:
         from_dict(TrainConfig, {**config.train, **cell.train}, where=f"{path}: cells[{cell.name}].train")
     if config.rendering != "auto":
@@ -326,6 +332,12 @@ def _import_ray():
 def _run_with_ray(config: RunConfig, *, progress: bool) -> Path:
     """Run the cells as Ray tasks: prepare once, then per cell train → (sweep + evaluate); then `_finish` here."""
     ray = _import_ray()
+    if (config.ray.address or "").startswith("ray://"):
+        try:  # what ray.init checks, as a ValueError traceback
+            import grpc  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"ray.address {config.ray.address!r}: a ray:// address needs Ray Client, which is "
+                              "not installed; install it with pip install 'ray[client]'") from None
     started_here = not ray.is_initialized()
     if started_here:
         if config.ray.address is None:

@@ -245,7 +245,8 @@ class SplitConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"split {name} must be a count (int) or a fraction (float), got {value!r}")
-            if value < 0 or (isinstance(value, float) and value > 1):
+            # `not 0 <= value <= 1`: NaN fails every comparison, so it is refused too
+            if value < 0 or (isinstance(value, float) and not 0 <= value <= 1):
                 raise ConfigError(f"split {name}={value!r}: counts must be >= 0, fractions in [0, 1]")
 
     @classmethod
