@@ -1,7 +1,9 @@
 """A steered OpenAI-compatible HTTP server: `unisteer serve --model M --updates DIR`.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both streaming over SSE and
-not), `GET /health`, and `GET /metrics`: Prometheus text exposition format, or the JSON counts with
+not), `GET /health`, the steering playground `GET /playground` and `GET /v1/updates/{name}/sweep`
+(`serving.playground`: the page is static and open, its data comes from /v1 with the key), and
+`GET /metrics`: Prometheus text exposition format, or the JSON counts with
 `GET /metrics?format=json` (names and meanings in `serving.metrics`). With an API key set, /v1, /metrics
 and the API docs require it; /health stays open (docs/SECURITY.md). Each request may steer with any loaded updates at its own multipliers
 (see `serving_protocol` for the two ways to ask); requests with different steering share batches without
@@ -46,6 +48,7 @@ from ..engine.updates import Update
 from ..errors import ConfigError, UnisteerError
 from .batching import BatchGenerator, GeneratorConfig, QueueFullError, RowEvent, RowJob, ServerClosingError
 from .metrics import ENDPOINTS, PROMETHEUS_CONTENT_TYPE, LiveValues, RequestCounters, ServerMetrics
+from .playground import add_playground, update_paths
 from .protocol import (
     ApiError,
     Choice,
@@ -252,8 +255,11 @@ class _BearerAuth:
 
 
 def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = None,
-              config: ServerConfig | None = None, *, skipped_updates: dict[str, str] | None = None) -> FastAPI:
-    """The FastAPI app. The generator thread starts and stops with the app's lifespan."""
+              config: ServerConfig | None = None, *, skipped_updates: dict[str, str] | None = None,
+              update_sources: dict[str, Path] | None = None) -> FastAPI:
+    """The FastAPI app. The generator thread starts and stops with the app's lifespan.
+
+    `update_sources` (name → the update's folder) lets the playground find a sweep in an update's folder."""
     state = ServerState(model, tokenizer, updates or {}, config or ServerConfig(), skipped_updates)
 
     @contextlib.asynccontextmanager
@@ -333,6 +339,7 @@ def build_app(model: nn.Module, tokenizer, updates: dict[str, Update] | None = N
     async def completions(request: Request) -> Response:
         return await _complete(state, "completion", request)
 
+    add_playground(app, state, update_sources or {})
     return app
 
 
@@ -573,10 +580,12 @@ def serve(model_name_or_path: str, updates_dir: str | Path | None = None, *, dty
     updates = load_updates_dir(updates_dir, model, skipped)
     for name, reason in skipped.items():
         print(f"warning: skipped update {name!r}: {reason}", file=sys.stderr)
-    app = build_app(model, tokenizer, updates, config, skipped_updates=skipped)
+    app = build_app(model, tokenizer, updates, config, skipped_updates=skipped,
+                    update_sources=update_paths(updates_dir, updates))
     base = app.state.unisteer.base_model
     host, port = listener.getsockname()[:2]
-    print(f"unisteer: serving {base!r} with {len(updates)} update(s) at http://{host}:{port}/v1", flush=True)
+    print(f"unisteer: serving {base!r} with {len(updates)} update(s) at http://{host}:{port}/v1; playground at "
+          f"http://{host}:{port}/playground", flush=True)
     for name in sorted(updates):
         print(f"  model {base}+{name}@M  (or body field \"steering\": [{{\"update\": \"{name}\", \"multiplier\": M}}])",
               flush=True)
