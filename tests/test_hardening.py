@@ -189,3 +189,32 @@ def test_a_ray_client_address_without_ray_client_is_one_error(tmp_path, monkeypa
                        ray={"address": "ray://127.0.0.1:1"}, out=str(tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"ray.address 'ray://127.0.0.1:1': .*pip install 'ray\[client\]'"):
         run_pipeline(config, progress=False)
+
+
+def test_a_path_as_hub_repo_is_one_error(tmp_path, capsys):
+    """`unisteer pull ../../etc` gave the hub client's HFValidationError traceback."""
+    code = main(["pull", "../../etc", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: hub repo '../../etc': not a valid repo id")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_utf8_prompts_file_is_one_error(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"first prompt\nsecond \xff\xfe prompt\n")
+    code = main(["generate", "--model", "/no/such/model", "--prompts-file", str(prompts)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR and "Traceback" not in err
+    assert err.strip() == f"error: --prompts-file {prompts}:2: not UTF-8 text (invalid start byte at byte 20)"
+
+
+def test_ctrl_c_while_the_commands_are_being_built_is_an_interrupt(monkeypatch, capsys):
+    import unisteer.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["data"]) == cli.EXIT_INTERRUPTED
+    assert "Traceback" not in capsys.readouterr().err

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .engine.updates import FORMS
 from .errors import UnisteerError
+from .files import check_regular_file
 from .training.objectives import OBJECTIVES
 
 EXIT_USER_ERROR = 2
@@ -441,7 +442,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        prompts += read_prompts_file(Path(args.prompts_file))
     if not prompts:
         raise UnisteerError("give at least one --prompt or --prompts-file")
     model, tokenizer = _load_model(args)
@@ -676,6 +677,25 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
 _NUMBER_LIST_OPTIONS = ("--multipliers", "--grid", "--layers")
 
 
+def read_prompts_file(path: Path) -> list[str]:
+    """The non-blank lines of a --prompts-file, stripped."""
+    check_regular_file(path, "--prompts-file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UnisteerError(f"--prompts-file {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        line = _line_of_byte(path.read_bytes(), exc.start)
+        raise UnisteerError(f"--prompts-file {path}:{line}: not UTF-8 text ({exc.reason} at byte "
+                            f"{exc.start})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _line_of_byte(data: bytes, offset: int) -> int:
+    """The 1-based line of byte `offset` in `data`."""
+    return data.count(b"\n", 0, offset) + 1
+
+
 def _join_negative_values(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     items = list(argv)
@@ -691,9 +711,9 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
+        # Building the parser imports the subcommands' modules: a Ctrl-C there is an interrupt too.
+        args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
         return int(args.func(args) or 0)
     except UnisteerError as exc:
         print(f"error: {exc}", file=sys.stderr)

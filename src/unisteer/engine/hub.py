@@ -121,10 +121,18 @@ def pull_update(repo_id: str, out: str | Path, *, revision: str | None = None, t
 @contextmanager
 def _hub_errors(repo_id: str) -> Iterator[None]:
     """The Hub's failures (not found, no access, offline, network) as one clear line naming the repo."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
 
     try:
         yield
+    except HFValidationError as exc:  # e.g. '../../etc': refused by the client before any request
+        raise UnisteerError(f"hub repo {repo_id!r}: not a valid repo id ({exc}); expected NAME or OWNER/NAME, "
+                            "e.g. me/smollm2-psychopathy-split") from exc
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnisteerError(f"hub repo {repo_id!r}: {first_line}") from exc
