@@ -99,3 +99,25 @@ def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "May import" in doc, f"{init}: the docstring should state what the subpackage may import"
+
+
+def test_every_dtype_option_shares_one_default():
+    """`--dtype` (and `dtype=` of the server) default to engine.models.DEFAULT_DTYPE everywhere: the server once
+    defaulted to float32 while every other command picked the hardware's fast dtype."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                    and node.args[0].value == "--dtype":
+                default = next((k.value for k in node.keywords if k.arg == "default"), None)
+                if not (isinstance(default, ast.Name) and default.id == "DEFAULT_DTYPE"):
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                arguments = node.args.args + node.args.kwonlyargs
+                defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults \
+                    + node.args.kw_defaults
+                for argument, default in zip(arguments, defaults, strict=True):
+                    if argument.arg == "dtype" and isinstance(default, ast.Constant) and isinstance(default.value, str) \
+                            and default.value != "auto":
+                        offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}(dtype=...)")
+    assert not offenders, "dtype defaults other than DEFAULT_DTYPE ('auto'): " + ", ".join(offenders)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .engine.models import DEFAULT_DTYPE, DTYPE_CHOICES, DTYPE_HELP
 from .engine.updates import FORMS
 from .errors import UnisteerError
 from .files import check_regular_file
@@ -27,9 +28,7 @@ EXIT_INTERRUPTED = 130
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="alias (see `unisteer models`), local folder, or hub id (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-                        help="model dtype; auto = bf16 where the hardware has native bf16 (GPU, AVX512-bf16, "
-                             "AMX), else float32 (default: %(default)s)")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--device-map", default=None,
                         help="spread the model over devices with accelerate instead of --device: 'auto', "
@@ -579,7 +578,7 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="the update's model (alias, folder or hub id); required for peft, optional for gguf "
                         "(checks the update's fit)")
-    p.add_argument("--dtype", default="float32", help="dtype to load --model in (default: %(default)s)")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_export)
 

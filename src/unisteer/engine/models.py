@@ -91,6 +91,13 @@ def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+# One default for every command and the server: the fastest exact dtype this hardware multiplies natively.
+DEFAULT_DTYPE = "auto"
+DTYPE_CHOICES = ("auto", "bfloat16", "float32", "float16")
+DTYPE_HELP = ("model dtype; auto = bf16 where the hardware has native bf16 (GPU, AVX512-bf16, AMX), else float32 "
+              "(default: %(default)s)")
+
+
 def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

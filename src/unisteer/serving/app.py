@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from torch import nn
 
+from ..engine.models import DEFAULT_DTYPE, DTYPE_CHOICES, DTYPE_HELP
 from ..engine.storage import load_update
 from ..engine.updates import Update
 from ..errors import ConfigError, UnisteerError
@@ -558,7 +559,7 @@ class BackgroundServer:
         self._socket.close()
 
 
-def serve(model_name_or_path: str, updates_dir: str | Path | None = None, *, dtype: str = "float32",
+def serve(model_name_or_path: str, updates_dir: str | Path | None = None, *, dtype: str = DEFAULT_DTYPE,
           device: str = "cpu", config: ServerConfig | None = None, device_map: str | dict | None = None,
           offload_folder: str | None = None) -> None:
     """Load the model and updates and serve until SIGINT/SIGTERM (graceful: in-flight requests finish)."""
@@ -616,7 +617,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model alias, local folder or hub id (default: %(default)s)")
     parser.add_argument("--updates", default=None, metavar="DIR",
                         help="folder of saved updates; each subfolder or .safetensors file is one update")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: %(default)s)")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--device-map", default=None,
                         help="spread the model over devices with accelerate instead of --device: 'auto', "
