@@ -218,3 +218,19 @@ def test_ctrl_c_while_the_commands_are_being_built_is_an_interrupt(monkeypatch, 
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert main(["data"]) == cli.EXIT_INTERRUPTED
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_while_unisteer_imports_is_not_a_traceback():
+    """The console script imported unisteer (torch: seconds) before any code could catch a Ctrl-C."""
+    import subprocess
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    module, _, function = pyproject["project"]["scripts"]["unisteer"].partition(":")
+    script = f"import sys\nfrom {module} import {function}\nsys.exit({function}())"  # what pip generates
+    child = subprocess.Popen([sys.executable, "-c", script, "data"], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # inside `import torch`, which takes seconds
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert "Traceback" not in err and child.returncode == 130, err[-2000:]
