@@ -30,6 +30,7 @@ from .config import from_dict
 from .engine.updates import FORMS
 from .errors import ConfigError, UnisteerError
 from .files import read_json, read_yaml, write_json, write_text
+from .judged import JudgeRunConfig
 from .training.objectives import OBJECTIVES
 
 
@@ -114,6 +115,7 @@ class RunConfig:
     seed: int = 42
     executor: str = "local"  # "local" (this process) or "ray" (cells as Ray tasks; see RayConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    judge: JudgeRunConfig | None = None  # absent: no judged generation (see JudgeRunConfig)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -133,6 +135,10 @@ class RunConfig:
             raise ConfigError("cells: 'vanilla' names the plain model in the summary; choose another name")
         if isinstance(self.evaluate, dict):
             self.evaluate = from_dict(EvaluationConfig, self.evaluate, where="evaluate")
+        if isinstance(self.judge, dict):
+            self.judge = from_dict(JudgeRunConfig, self.judge, where="judge")
+        if self.judge is not None and not isinstance(self.judge, JudgeRunConfig):
+            raise ConfigError(f"judge: expected a mapping of JudgeRunConfig keys, got {self.judge!r}")
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -140,6 +146,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     from .analysis.sweep import SweepConfig
     from .data.pairs import SplitConfig
     from .data.rendering import Rendering
+    from .judged import resolve_rubric
     from .training.config import TrainConfig
 
     path = Path(path)
@@ -155,6 +162,9 @@ def load_run_config(path: str | Path) -> RunConfig:
         from_dict(TrainConfig, {**config.train, **cell.train}, where=f"{path}: cells[{cell.name}].train")
     if config.rendering != "auto":
         Rendering.parse(config.rendering)
+    if config.judge is not None:  # an unknown rubric or an unset key variable fails now, not after training
+        resolve_rubric(config.judge.rubric, config.data)
+        config.judge.judge_config(Path(config.out) / "judge" / "responses.jsonl", progress=False)
     return config
 
 
@@ -168,6 +178,8 @@ def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
     _sweep_stage(run, updates)
     for name, update in [("vanilla", None), *updates.items()]:
         _evaluate_stage(run, name, update)
+    for name, update in updates.items():
+        _judge_stage(run, name, update)
     return _finish(config, run.prepared, {name: t.seconds for name, t in trained.items()})
 
 
@@ -268,6 +280,30 @@ def _evaluate_stage(run: _Loaded, name: str, update) -> None:
     write_json(path, result.to_dict())
 
 
+def _judge_stage(run: _Loaded, name: str, update) -> None:
+    """Judged generation of one cell on the test prompts into OUT/judge/<name>.json (`judged.judge_update`), at
+    judge.multipliers or m = 0 and the +m / −m the cell's choice evaluation chose on dev."""
+    from .judged import chosen_multipliers, judge_prompts, judge_update, read_judged, resolve_rubric
+
+    judge = run.config.judge
+    if judge is None:
+        return
+    form = _cell(run.config, name).form
+    evaluation_path = run.out / "eval" / f"{name}.json"
+    evaluation = read_json(evaluation_path) if evaluation_path.exists() else None
+    if judge.multipliers is not None:
+        multipliers, source = judge.multipliers, "judge.multipliers"
+    else:
+        multipliers, source = chosen_multipliers(evaluation, form)
+    rubric = resolve_rubric(judge.rubric, run.config.data)
+    out_dir = run.out / "judge"
+    if read_judged(out_dir / f"{name}.json", rubric=rubric, multipliers=multipliers) is not None:
+        return
+    judge_update(run.model, run.tokenizer, update, judge_prompts(run.data, "test", judge.max_prompts), multipliers,
+                 judge, rubric=rubric, out_dir=out_dir, name=name, rendering=run.rendering,
+                 multiplier_source=source, progress=run.progress)
+
+
 def _finish(config: RunConfig, prepared: Prepared, timings: dict[str, float | None]) -> Path:
     """Fit the sweep, write its report, the summary and the run report (no model needed: files only)."""
     from .analysis.fits import fit_sweep
@@ -286,6 +322,9 @@ def _finish(config: RunConfig, prepared: Prepared, timings: dict[str, float | No
         for name in ("vanilla", *(cell.name for cell in config.cells)):
             evaluations[name] = read_json(out / "eval" / f"{name}.json")
     summary = _summary(config, prepared.dtype, prepared.layer, timings, fits, evaluations, variant)
+    data_record = read_json(out / "data.json") if (out / "data.json").exists() else {}
+    _add_judged(summary, out, open_ended=bool((data_record.get("open_prompts") or {}).get("test")),
+                judged=config.judge is not None)
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", _summary_markdown(summary))
     return write_run_report(out, summary, fits, sweep_report=sweep_report)
@@ -310,6 +349,7 @@ def _cell_task(config: RunConfig, name: str) -> None:
     update = _train_stage(run, _cell(config, name)).update
     _sweep_stage(run, {name: update})
     _evaluate_stage(run, name, update)
+    _judge_stage(run, name, update)
 
 
 def _vanilla_task(config: RunConfig) -> None:
@@ -463,6 +503,18 @@ def _summary(config: RunConfig, dtype: str, layer: int, timings, fits, evaluatio
             "rows": rows, "matched_utility": matched, "matched_utility_by_form": by_form}
 
 
+def _add_judged(summary: dict[str, Any], out: Path, *, open_ended: bool, judged: bool) -> None:
+    """Each judged cell's per-m ratings as row["judge"]; on open-ended data the choice scores are labelled a
+    proxy (A/B questions stand in for the behaviour, which only the judge rates on generated answers)."""
+    from .judged import summary_entry
+
+    for row in summary["rows"]:
+        path = out / "judge" / f"{row['cell']}.json"
+        if judged and row["cell"] != "vanilla" and path.is_file():
+            row["judge"] = summary_entry(read_json(path))
+    summary["choice_scores"] = "A/B proxy" if open_ended else "choice accuracy"
+
+
 def _score_columns(row: dict[str, Any]) -> dict[str, Any]:
     keys = ("accuracy", "ci_low", "ci_high", "balanced_accuracy", "balanced_ci", "auc", "auc_ci", "answer_shares",
             "n")
@@ -542,13 +594,18 @@ def _fit_columns(fit) -> dict[str, Any]:
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
+    from .judged import judge_report_lines
     from .run_report import table3_rows
 
     header, rows = table3_rows(summary)
+    proxy = " (A/B proxy: choice questions standing in for open-ended behaviour)" \
+        if summary.get("choice_scores") == "A/B proxy" else ""
     lines = [f"Model {summary['model']} ({summary['dtype']}), layer {summary['layer']}, data {summary['data']}. "
-             "Test scores at the multipliers chosen on dev (balanced accuracy); 95 % intervals in brackets.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             f"Test scores at the multipliers chosen on dev (balanced accuracy){proxy}; 95 % intervals in brackets.",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    judged = judge_report_lines(summary)
+    lines += ["", *judged] if judged else []
     return "\n".join(lines) + "\n"
 
 
