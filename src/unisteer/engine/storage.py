@@ -52,7 +52,8 @@ def save_update(update: Update, path: str | Path, *, overwrite: bool = False) ->
             return path
         if path.is_file():  # replaced by a folder (overwrite=True)
             path.unlink()
-        with writing_folder(path, replace=True) as tmp:
+        # replace=overwrite: a folder another process saved since the check above is refused, not replaced
+        with writing_folder(path, replace=overwrite) as tmp:
             write_safetensors(tmp / TENSORS_FILE, tensors, {"format": "pt"})
             write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2, default=str))
     except OSError as exc:  # a full disk or a missing permission: nothing half-written is left
