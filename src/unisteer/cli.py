@@ -667,9 +667,84 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_judge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge", help="rate an update's steered answers to held-out prompts with an LLM judge (any "
+                                     "OpenAI-compatible endpoint); the same stage as `judge:` in `unisteer run`")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--update", default=None, help="saved update (omit for the plain model at m = 0)")
+    p.add_argument("--split", default="test", choices=["test", "dev"], help="held-out prompts (default: %(default)s)")
+    p.add_argument("--multipliers", default=None, help="comma-separated (default: 0 and four points of the form's grid)")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 "
+                                                     "(default: $UNISTEER_JUDGE_BASE_URL, else OpenAI's API)")
+    p.add_argument("--judge-model", default=None, help="judge model (default: $UNISTEER_JUDGE_MODEL, else gpt-4.1-mini)")
+    p.add_argument("--judge-key-env", default=None,
+                   help="NAME of the environment variable holding the API key (default: $UNISTEER_JUDGE_API_KEY or "
+                        "$OPENAI_API_KEY when set, else none)")
+    p.add_argument("--rubric", default="auto", help="auto (power_seeking / axbench by dataset), axbench, or a "
+                                                   "registered rubric such as power_seeking or concept_score")
+    p.add_argument("--concept", default=None, help="the concept, for concept rubrics on prompts that do not name it")
+    p.add_argument("--max-prompts", type=int, default=32, help="answer at most this many prompts (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="judge requests in flight (default: %(default)s)")
+    _add_rendering_arg(p, "default: the one the update was trained with")
+    p.add_argument("--out", required=True,
+                   help="folder for NAME.json (ratings per m), NAME/generations.jsonl and the judge's reply cache")
+    p.set_defaults(func=cmd_judge)
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from .data.rendering import Rendering
+    from .engine.storage import load_update
+    from .judged import (
+        JudgeRunConfig,
+        judge_prompts,
+        judge_update,
+        primary_metric,
+        resolve_rubric,
+        small_grid,
+    )
+    from .workflow import check_held_out, rendering_of
+
+    multipliers = _parse_floats(args.multipliers) if args.multipliers else None
+    config = JudgeRunConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env,
+                            rubric=args.rubric, concept=args.concept, multipliers=multipliers,
+                            max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens,
+                            concurrency=args.concurrency)
+    rubric = resolve_rubric(config.rubric, args.data)
+    out = Path(args.out)
+    config.judge_config(out / "responses.jsonl", progress=False)  # a bad URL or unset key fails before loading
+    _fields(args)
+    rendering_arg = _rendering_arg(args.rendering)
+    model, tokenizer = _load_model(args)
+    update = load_update(args.update, model) if args.update else None
+    if rendering_arg is not None:
+        rendering = Rendering.parse(rendering_arg)
+    else:
+        rendering = (rendering_of(update) if update is not None else None) or Rendering.parse(None)
+    data = load_data_from_args(args, model, tokenizer)
+    if update is not None and len(data.splits[args.split]):
+        check_held_out(update, data.splits[args.split], name=f"the {args.split} split")
+    name = update_name(args.update)[0] if args.update else "vanilla"
+    grid = multipliers or small_grid(update.spec.form if update is not None else None)
+    record = judge_update(model, tokenizer, update, judge_prompts(data, args.split, args.max_prompts), grid, config,
+                          rubric=rubric, out_dir=out, name=name, rendering=rendering, split=args.split,
+                          multiplier_source="--multipliers" if multipliers else "default grid")
+    metric = primary_metric(record)
+    low, high = record["scale"]
+    print(f"{name}: {record['rubric']} ({metric}, {low}-{high}) on {record['n_prompts']} {args.split} prompts")
+    for row in record["rows"]:
+        value = row[metric]
+        ci = "" if value["ci_low"] is None else f" [{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
+        print(f"  m = {row['multiplier']:g}: {value['mean']:.2f}{ci} (n = {row['n']}; {row['n_unparsable']} "
+              f"unparsable, {row['n_failed']} failed)")
+    print(f"written: {out / f'{name}.json'}")
+    return 0
+
+
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_train, _register_sweep, _register_fit_report, _register_generate_eval, _register_layers, _register_run,
-    _register_serve, _register_export, _register_hub,
+    _register_serve, _register_export, _register_hub, _register_judge,
 ]
 
 # Options whose value may start with "-" (a negative multiplier): argparse would read "-20,0,20" as an option.
