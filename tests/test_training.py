@@ -527,6 +527,7 @@ def test_a_second_training_into_one_folder_is_refused_at_once(tmp_path):
     (lambda s: {**s, "next_group": "1"}, "next_group: expected a non-negative integer"),
     (lambda s: {k: v for k, v in s.items() if k != "optimizer"}, "does not restore \\(KeyError"),
     (lambda s: {**s, "factor_rng": [3, [1, 2], None]}, "does not restore \\(ValueError"),
+    (lambda s: {**s, "config": []}, "config: expected an object"),
 ])
 def test_an_edited_checkpoint_is_a_clear_error_not_a_finished_update(tmp_path, edit, message):
     model = tiny_model("llama")

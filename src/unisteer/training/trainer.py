@@ -251,6 +251,9 @@ class _Trainer:
         except UnisteerError as exc:
             raise TrainingError(str(exc)) from exc
         saved = state.get("config", {})
+        if not isinstance(saved, dict):
+            raise TrainingError(f"{path / STATE}: config: expected an object of TrainConfig fields, got "
+                                f"{type(saved).__name__}")
         current = json.loads(json.dumps(to_dict(self.config), default=_jsonable))
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
                          and k not in ("checkpoint_every",))
