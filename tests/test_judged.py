@@ -162,3 +162,26 @@ def test_rubric_and_multiplier_defaults():
     assert chosen_multipliers(None, "lora")[1] == "default grid"
     with pytest.raises(ConfigError, match=r"judge\.max_new_tokens"):
         JudgeRunConfig(max_new_tokens=0)
+
+
+def test_axbench_rubric_rates_three_scores_and_their_harmonic_mean(inputs, server, tmp_path):
+    """AxBench's concept / instruction / fluency ratings (0–2) per m, the harmonic mean as the headline metric;
+    a concept rubric on prompts that name no concept is refused before anything is generated."""
+    from unisteer.data.builtin import EvalPrompt
+    from unisteer.engine.models import load_model
+    from unisteer.judged import judge_update, summary_entry
+
+    model, tokenizer = load_model(str(inputs[0]), dtype="float32")
+    config = JudgeRunConfig(base_url=server.base_url, model="judge-test", api_key_env=KEY_ENV, max_new_tokens=4)
+    prompts = [EvalPrompt(f"Write about {w}.", {"instruction": f"Write about {w}.", "concept": "the sea"})
+               for w in ("cats", "rain")]
+    record = judge_update(model, tokenizer, None, prompts, [0.0], config, rubric="axbench", out_dir=tmp_path,
+                          name="vanilla", progress=False)
+    assert record["scale"] == [0, 2] and summary_entry(record)["metric"] == "harmonic"
+    [row] = record["rows"]
+    assert {k: row[k]["mean"] for k in ("concept", "instruction", "fluency", "harmonic")} == {
+        "concept": 2.0, "instruction": 2.0, "fluency": 2.0, "harmonic": 2.0}
+    with pytest.raises(ConfigError, match=r"judge\.concept: rubric 'concept_score'"):
+        judge_update(model, tokenizer, None, ["Write a poem."], [0.0], config, rubric="concept_score",
+                     out_dir=tmp_path / "c", name="vanilla", progress=False)
+    assert not (tmp_path / "c").exists()
