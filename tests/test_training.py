@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import pytest
@@ -545,3 +546,26 @@ def test_an_edited_checkpoint_is_a_clear_error_not_a_finished_update(tmp_path, e
         train_update(model, CharTokenizer(), toy_pairs(4), config, out_dir=tmp_path / "run", progress=False,
                      resume=True)
     assert not (tmp_path / "run" / "update").exists()
+
+
+def test_the_lock_names_another_process_and_ends_with_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from unisteer.files import RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom unisteer.files import RunLock\n"
+                               f"with RunLock({str(tmp_path / 'run')!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UnisteerError, match=f"in use by another unisteer process \\(PID {holder.pid}\\)"):
+            RunLock(tmp_path / "run").__enter__()
+        holder.send_signal(signal.SIGKILL)  # a killed holder leaves no stale lock
+        holder.wait(timeout=30)
+        with RunLock(tmp_path / "run"):
+            assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
