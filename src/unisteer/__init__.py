@@ -5,8 +5,28 @@
     update = us.create_update(model, "vector", layer=15)
     with us.Steering(model, update, multiplier=4.0):
         ...
+
+The method step by step (the same functions the CLI and `unisteer run` call; `unisteer.api`):
+`load_dataset`, `train`, `sweep`, `fit`, `evaluate`, `table3`, `generate`, `report`, `run`.
 """
 
+from .api import (
+    EvalResult,
+    FitResult,
+    Generations,
+    SweepResult,
+    Table3,
+    TrainResult,
+    evaluate,
+    fit,
+    generate,
+    load_dataset,
+    report,
+    run,
+    sweep,
+    table3,
+    train,
+)
 from .data.pairs import PairDataset, PolarityPair
 from .engine.architecture import ModelStructure, model_structure
 from .engine.control_vector import export_control_vector, import_control_vector
@@ -41,6 +61,9 @@ __all__ = [
     "CompletionScores",
     "ConfigError",
     "DataError",
+    "EvalResult",
+    "FitResult",
+    "Generations",
     "LoRAUpdate",
     "LocalWeightUpdate",
     "MergedUpdate",
@@ -50,6 +73,9 @@ __all__ = [
     "PolarityPair",
     "Positions",
     "Steering",
+    "SweepResult",
+    "Table3",
+    "TrainResult",
     "UnisteerError",
     "Update",
     "UpdateMismatchError",
@@ -59,15 +85,24 @@ __all__ = [
     "completion_nll",
     "create_update",
     "diffmean_update",
+    "evaluate",
     "export_control_vector",
     "export_peft_adapter",
+    "fit",
+    "generate",
     "import_control_vector",
+    "load_dataset",
     "load_model",
     "load_update",
     "merge",
     "model_structure",
     "pull_update",
     "push_update",
+    "report",
+    "run",
     "run_from_layer",
     "save_update",
+    "sweep",
+    "table3",
+    "train",
 ]
