@@ -15,7 +15,7 @@ from judge_server import JudgeServer, Messages
 from unisteer.cli import EXIT_USER_ERROR, main
 from unisteer.errors import ConfigError
 from unisteer.judged import JudgeRunConfig, chosen_multipliers, judge_report_lines, resolve_rubric, small_grid
-from unisteer.pipeline import load_run_config, run_pipeline
+from unisteer.pipeline import _add_judged, load_run_config, run_pipeline
 from unisteer.workflow import load_data
 
 SECRET = "sk-test-Zq81secretvalue"  # what the server demands; must never land in a file
@@ -104,6 +104,12 @@ def test_pipeline_writes_judged_ratings_at_zero_and_the_dev_choices(judged_run, 
     assert row["judge"]["rubric"] == "power_seeking" and row["judge"]["metric"] == "score"
     assert [r["multiplier"] for r in row["judge"]["rows"]] == expected
     assert "LLM judge (judge-test, rubric power_seeking" in (judged_run / "summary.md").read_text()
+    # A file of A/B pairs has no open-ended prompts: its choice scores are the measurement, not a proxy.
+    assert summary["choice_scores"] == "choice accuracy" and "A/B proxy" not in (judged_run / "summary.md").read_text()
+    proxied = {"rows": [{"cell": "vanilla"}, {"cell": CELL}]}
+    _add_judged(proxied, judged_run, open_ended=True, judged=True)  # e.g. BiPO: A/B questions, open-ended pairs
+    assert proxied["choice_scores"] == "A/B proxy" and "judge" in proxied["rows"][1]
+    assert "judge" not in proxied["rows"][0]
     assert judge_report_lines(summary)[0].startswith("LLM judge")
     sent = [{k.lower(): v for k, v in h.items()}.get("authorization") for h in server.headers]
     assert sent and all(v == f"Bearer {SECRET}" for v in sent)  # the key was sent ...
