@@ -121,3 +121,23 @@ def test_every_dtype_option_shares_one_default():
                             and default.value != "auto":
                         offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}(dtype=...)")
     assert not offenders, "dtype defaults other than DEFAULT_DTYPE ('auto'): " + ", ".join(offenders)
+
+
+def test_append_only_logs_go_through_one_writer():
+    """Generations, sweep rows, judge replies and training metrics once had four append rules (fsync or not,
+    torn-line repair or not); files.JsonlLog is now the only place a file is opened for appending."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "files.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            is_open = isinstance(node, ast.Call) and (
+                (isinstance(node.func, ast.Name) and node.func.id == "open")
+                or (isinstance(node.func, ast.Attribute) and node.func.attr == "open"))
+            if is_open:
+                index = 0 if isinstance(node.func, ast.Attribute) else 1  # path.open(mode) / open(path, mode)
+                modes = [a for a in node.args[index:index + 1] if isinstance(a, ast.Constant)]
+                modes += [k.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)]
+                if any(isinstance(m.value, str) and m.value.startswith("a") for m in modes):
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offenders, "files opened for appending outside files.JsonlLog: " + ", ".join(offenders)

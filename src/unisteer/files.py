@@ -188,6 +188,78 @@ class RunLock:
             self._fd = None
 
 
+class JsonlLog:
+    """An append-only JSON-lines log (generations, sweep rows, judge replies, training metrics): one record a
+    line, appended in place — rewriting a growing file on every batch would cost more than the work it logs.
+
+    A run killed mid-write leaves a torn last line. `lines()` leaves it out, `repair()` cuts it from the file
+    (a complete record that only lacks its newline is kept and given one), and `append` always starts on a
+    fresh line, so a torn tail can never swallow a new record. `fsync`: force each append to disk — for rows
+    that took minutes to compute; off where a lost tail is cheap to redo.
+    """
+
+    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.torn_tail = False  # whether the last `lines()` left a torn last line out
+
+    def lines(self) -> list[tuple[int, str]]:
+        """(line number, text) of every complete, non-empty line; a torn last line is left out."""
+        self.torn_tail = False
+        if not self.path.exists():
+            return []
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        complete, tail = lines[:-1], lines[-1]
+        if tail and _is_record(tail):
+            complete.append(tail)
+        self.torn_tail = bool(tail) and len(complete) < len(lines)
+        return [(number, line) for number, line in enumerate(complete, start=1) if line.strip()]
+
+    def repair(self) -> int:
+        """Cut a torn last line from the file; returns the number of bytes dropped."""
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return 0
+        start = data.rfind(b"\n") + 1
+        if _is_record(data[start:]):
+            return 0  # complete; the next `append` starts a new line after it
+        with self.path.open("r+b") as fh:
+            fh.truncate(start)
+        return len(data) - start
+
+    def append(self, records: Sequence[Any]) -> None:
+        """Append records (JSON values; a non-finite float is written as null, never as NaN)."""
+        if not records:
+            return
+        text = "".join(json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n"
+                       for record in records)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a+b") as fh:
+                if fh.tell() > 0:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        text = "\n" + text
+                fh.write(text.encode("utf-8"))
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            raise UnisteerError(f"cannot write {self.path}: {exc.strerror or exc}; the lines written so far are "
+                                "kept — free space (or fix the folder) and rerun the same command to resume") from exc
+
+
+def _is_record(text: str | bytes) -> bool:
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None

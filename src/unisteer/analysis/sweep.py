@@ -33,7 +33,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,8 +52,8 @@ from ..engine.architecture import model_structure
 from ..engine.fingerprint import update_fingerprint
 from ..engine.steering import Steering
 from ..engine.updates import Positions, Update, check_multipliers, default_grid, eval_mode
-from ..errors import ConfigError, DataError, UnisteerError
-from ..files import read_json, write_json
+from ..errors import ConfigError, DataError
+from ..files import JsonlLog, read_json, write_json
 from .logodds import VARIANTS
 from .manifold import METRICS, ManifoldReference, build_reference
 from .paired import (
@@ -381,7 +380,7 @@ def _sweep_record(model: nn.Module, encoder: PairEncoder, updates: Mapping[str, 
 def _sweep_file_lock(out: Path) -> Iterator[None]:
     """Exclusive lock over sweep.json's read-modify-write (other sweeps of other updates may share `out`)."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a", encoding="utf-8") as fh:
+    with open(out / LOCK_FILE, "w", encoding="utf-8") as fh:  # empty: only the lock on it matters
         fcntl.lockf(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -479,19 +478,7 @@ def read_sweep_info(out_dir: str | Path) -> dict[str, Any]:
 
 
 def _append_rows(path: Path, rows: Sequence[PairScore]) -> None:
-    if not rows:
-        return
-    text = "".join(json.dumps(row.to_json(), allow_nan=False) + "\n" for row in rows)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        # A torn last line is repaired on resume (`read_scores(repair=True)`): nothing written before is lost.
-        raise UnisteerError(f"cannot write {path}: {exc.strerror or exc}; the rows written so far are kept — "
-                            "free space (or fix the folder) and rerun the same command to resume") from exc
+    JsonlLog(path).append([row.to_json() for row in rows])
 
 
 def _load_done(path: Path) -> set[tuple[int, float]]:
@@ -501,19 +488,11 @@ def _load_done(path: Path) -> set[tuple[int, float]]:
 def read_scores(path: str | Path, *, repair: bool = False) -> list[PairScore]:
     """Rows of one scores file. A final line cut short by an interrupted write is dropped (and, with
     `repair`, removed from the file so that appending continues cleanly); any other bad line is an error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]
-    if tail:
-        log.warning("%s: dropping an incomplete last line (interrupted write): %.60s", path, tail)
-        if repair:
-            with open(path, "r+", encoding="utf-8") as fh:
-                fh.truncate(len(text.encode("utf-8")) - len(tail.encode("utf-8")))
+    scores = JsonlLog(path)
+    if repair and scores.repair():
+        log.warning("%s: dropped an incomplete last line (interrupted write); its rows are scored again", path)
     rows, seen = [], set()
-    for number, line in enumerate(complete, start=1):
+    for number, line in scores.lines():
         try:
             data = json.loads(line)
             row = PairScore(int(data["example"]), float(data["m"]), float(data["L_p"]), float(data["L_n"]),

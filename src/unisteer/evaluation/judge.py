@@ -43,6 +43,7 @@ import openai
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, JudgeAuthError, JudgeError
+from ..files import JsonlLog
 from .rubrics import AXBENCH_CONCEPT, AXBENCH_FLUENCY, AXBENCH_INSTRUCTION, Rubric, get_rubric, harmonic_mean
 
 ENV_BASE_URL = "UNISTEER_JUDGE_BASE_URL"
@@ -172,15 +173,14 @@ class ResponseCache:
             self._load(path)
 
     def _load(self, path: Path) -> None:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    self._texts[record["key"]] = record["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.skipped_lines += 1
+        cache = JsonlLog(path)
+        for _, line in cache.lines():
+            try:
+                record = json.loads(line)
+                self._texts[record["key"]] = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                self.skipped_lines += 1
+        self.skipped_lines += cache.torn_tail
 
     def __len__(self) -> int:
         return len(self._texts)
@@ -197,18 +197,11 @@ class ResponseCache:
             "base_url": base_url,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
             self._texts[key] = text
-            if self.path is None:
-                return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a+b") as f:
-                if f.tell() > 0:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        line = "\n" + line
-                f.write(line.encode("utf-8"))
+            if self.path is not None:
+                # No fsync: a reply lost to a crash is asked again, and a judge run appends thousands.
+                JsonlLog(self.path, fsync=False).append([record])
 
 
 @dataclass

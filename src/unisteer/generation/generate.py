@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from ..engine.fingerprint import model_fingerprint, update_fingerprint
 from ..engine.steering import Steering
 from ..engine.updates import Update, check_multipliers, eval_mode
 from ..errors import ConfigError, DataError, UnisteerError
+from ..files import JsonlLog
 from .sampling import SamplingConfig, cut_at_stop, next_tokens, row_seed, stop_token_ids
 
 GENERATION_FORMAT = "unisteer-generation"
@@ -216,32 +216,13 @@ class GenerationStore:
             yield generation.row_key, generation
 
     def _drop_torn_tail(self) -> None:
-        """Cut a half-written last line (an interrupted append) so that new records start on a clean line."""
-        data = self.path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return
-        start = data.rfind(b"\n") + 1
-        try:
-            json.loads(data[start:])
-            return  # complete record that only lacks its newline; `append` adds one
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run; its rows are redone",
-                    self.path, len(data) - start)
-        with self.path.open("r+b") as fh:
-            fh.truncate(start)
+        dropped = JsonlLog(self.path).repair()
+        if dropped:
+            log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run; its rows are redone",
+                        self.path, dropped)
 
     def append(self, generations: Sequence[Generation]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(g.to_record(), ensure_ascii=False) + "\n" for g in generations)
-        with self.path.open("a+b") as fh:
-            if fh.tell() > 0:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    text = "\n" + text  # a torn line from an interrupted run must not swallow this record
-            fh.write(text.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
+        JsonlLog(self.path).append([g.to_record() for g in generations])
 
 
 # ------------------------------------------------------------------------------------------------ internals
@@ -339,16 +320,10 @@ def _prompt_inputs(prompts: Sequence[str | PromptInput | Any]) -> list[PromptInp
 
 
 def _read_store(path: Path) -> Iterator[tuple[int, Generation]]:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for line_no, line in JsonlLog(path).lines():  # a torn last line is left out: its rows are redone
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            if line_no == len(lines):  # an interrupted append leaves a torn last line; its rows are redone
-                log.warning("%s:%d: skipping a torn last line left by an interrupted run", path, line_no)
-                continue
             raise DataError(f"{path}:{line_no}: malformed JSON line in a generations file ({exc.msg})") from exc
         if not isinstance(record, dict) or record.get("format") != GENERATION_FORMAT:
             raise DataError(f"{path}:{line_no}: not a unisteer generation record")

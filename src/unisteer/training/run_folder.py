@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
-from ..files import write_json, write_text
+from ..files import JsonlLog, write_json, write_text
 from .checkpoint import LEGACY_PICKLE, load_checkpoint
 
 UPDATE_FOLDER = "update"
@@ -61,18 +61,18 @@ class RunFolder:
         return Path(tempfile.mkdtemp(prefix=LAYER_CACHE_PREFIX, dir=self.root))
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        # No fsync per step: the checkpoint, not this log, is what a resume trusts (lines after it are redone).
+        JsonlLog(self.metrics, fsync=False).append([record])
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint (they will be written again)."""
+        """Drop metric lines written after the checkpoint (they will be written again), and a torn last line."""
         if not self.metrics.exists():
             return
-        kept = [line for line in self.metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        kept = [line for _, line in JsonlLog(self.metrics).lines() if json.loads(line).get("step", 0) <= step]
         write_text(self.metrics, "".join(line + "\n" for line in kept))
 
     def steps(self) -> list[dict[str, Any]]:
-        records = [json.loads(line) for line in self.metrics.read_text().splitlines()]
+        records = [json.loads(line) for _, line in JsonlLog(self.metrics).lines()]
         return [r for r in records if r.get("kind") == "step"]
 
     def finish(self, summary: dict[str, Any]) -> None:
