@@ -5,8 +5,8 @@ not), `GET /health`, the steering playground `GET /playground` and `GET /v1/upda
 (`serving.playground`: the page is static and open, its data comes from /v1 with the key), and
 `GET /metrics`: Prometheus text exposition format, or the JSON counts with
 `GET /metrics?format=json` (names and meanings in `serving.metrics`). With an API key set, /v1, /metrics
-and the API docs require it; /health stays open (docs/SECURITY.md). Each request may steer with any loaded updates at its own multipliers
-(see `serving_protocol` for the two ways to ask); requests with different steering share batches without
+and the API docs require it; /health stays open (docs/SECURITY.md). Each request may steer with any
+loaded updates at its own multipliers (see `serving_protocol` for the two ways to ask); requests with different steering share batches without
 affecting each other (see `serving_engine`).
 
 Use from Python:
