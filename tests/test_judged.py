@@ -104,6 +104,7 @@ def test_pipeline_writes_judged_ratings_at_zero_and_the_dev_choices(judged_run, 
     assert row["judge"]["rubric"] == "power_seeking" and row["judge"]["metric"] == "score"
     assert [r["multiplier"] for r in row["judge"]["rows"]] == expected
     assert "LLM judge (judge-test, rubric power_seeking" in (judged_run / "summary.md").read_text()
+    assert "LLM judge: open-ended answers by m" in (judged_run / "report.html").read_text()
     # A file of A/B pairs has no open-ended prompts: its choice scores are the measurement, not a proxy.
     assert summary["choice_scores"] == "choice accuracy" and "A/B proxy" not in (judged_run / "summary.md").read_text()
     proxied = {"rows": [{"cell": "vanilla"}, {"cell": CELL}]}

@@ -247,28 +247,36 @@ def summary_entry(record: Mapping[str, Any]) -> dict[str, Any]:
             "rows": record["rows"]}
 
 
-def judge_report_lines(summary: Mapping[str, Any]) -> list[str]:
-    """Markdown lines for the run report: the judge's mean rating per cell and multiplier ([] if no judging).
-
-    Each cell row of `summary["rows"]` with a `judge` entry contributes one line per multiplier.
-    """
+def judge_table(summary: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]]] | None:
+    """(caption, header, rows) of the judge's mean rating per cell and multiplier; None if nothing was judged."""
     judged = [row for row in summary.get("rows", []) if row.get("judge")]
     if not judged:
-        return []
+        return None
     first = judged[0]["judge"]
     low, high = first["scale"]
-    lines = [f"LLM judge ({first['judge_model']}, rubric {first['rubric']}, {first['metric']} on {low}–{high}) on "
-             "steered answers to the held-out test prompts; 95 % bootstrap intervals over prompts.", "",
-             "| cell | m | mean | 95 % CI | n | unparsable | failed |", "|---|---|---|---|---|---|---|"]
+    caption = (f"LLM judge ({first['judge_model']}, rubric {first['rubric']}, {first['metric']} on {low}–{high}) "
+               "on steered answers to the held-out test prompts; 95 % bootstrap intervals over prompts.")
+    header = ["cell", "m", "mean", "95 % CI", "n", "unparsable", "failed"]
+    rows = []
     for row in judged:
         entry = row["judge"]
         for r in entry["rows"]:
             value = r[entry["metric"]]
             ci = "–" if value["ci_low"] is None else f"[{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
-            lines.append(f"| {row['cell']} | {r['multiplier']:g} | {value['mean']:.2f} | {ci} | {r['n']} | "
-                         f"{r['n_unparsable']} | {r['n_failed']} |")
-    return lines
+            rows.append([row["cell"], f"{r['multiplier']:g}", f"{value['mean']:.2f}", ci, str(r["n"]),
+                         str(r["n_unparsable"]), str(r["n_failed"])])
+    return caption, header, rows
 
 
-__all__ = ["JudgeRunConfig", "chosen_multipliers", "judge_prompts", "judge_report_lines", "judge_update",
+def judge_report_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Markdown lines of `judge_table` for summary.md ([] if no judging)."""
+    table = judge_table(summary)
+    if table is None:
+        return []
+    caption, header, rows = table
+    return [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+__all__ = ["JudgeRunConfig", "chosen_multipliers", "judge_prompts", "judge_report_lines", "judge_table", "judge_update",
            "read_judged", "resolve_rubric", "small_grid", "summary_entry"]

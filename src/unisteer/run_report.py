@@ -17,6 +17,7 @@ from .analysis.fits import SweepFits
 from .analysis.plots import Curve, Reference, TradeoffCurve, plot_metric, plot_tradeoff
 from .analysis.report import METRIC_LABELS, Block, format_number, observations, render_html, render_markdown
 from .files import read_json, write_text
+from .judged import judge_table
 
 
 def write_run_report(out_dir: str | Path, summary: dict[str, Any], fits: SweepFits, *,
@@ -32,13 +33,20 @@ def write_run_report(out_dir: str | Path, summary: dict[str, Any], fits: SweepFi
     blocks = [Block("h2", "Finding"), Block("ul", items=headline(summary) + tradeoff_findings(summary, fits))]
     for caption, path in plots:
         blocks.append(Block("img", text=caption, path=path))
-    blocks += [Block("h2", "Table 3: test scores at the multipliers chosen on dev"),
+    proxy = (" (A/B proxy: choice questions standing in for open-ended behaviour)"
+             if summary.get("choice_scores") == "A/B proxy" else "")
+    blocks += [Block("h2", f"Table 3: test scores at the multipliers chosen on dev{proxy}"),
                Block("p", "+m maximises and −m minimises the dev balanced accuracy (the mean of the per-class "
                            "accuracies, exactly 0.5 for any constant answer); accuracy with its Wilson 95 % interval, "
                            "balanced accuracy and AUC with stratified bootstrap intervals, utility = mean test "
                            "UtilOdds from the sweep with its bootstrap interval. A cell steers when the paired change "
                            "of balanced accuracy from m = 0 has an interval excluding 0."),
                Block("table", header=header, rows=rows)]
+    judged = judge_table(summary)
+    if judged is not None:
+        caption, judge_header, judge_rows = judged
+        blocks += [Block("h2", "LLM judge: open-ended answers by m"), Block("p", caption),
+                   Block("table", header=judge_header, rows=judge_rows)]
     blocks += [Block("h2", "Settings"), Block("table", header=["setting", "value"], rows=_run_settings(out, summary))]
     variant = summary.get("variant", "sum")
     blocks += [Block("h2", "What the preference–utility sweep shows"),
