@@ -141,3 +141,15 @@ def test_append_only_logs_go_through_one_writer():
                 if any(isinstance(m.value, str) and m.value.startswith("a") for m in modes):
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not offenders, "files opened for appending outside files.JsonlLog: " + ", ".join(offenders)
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name one module imports from another is that module's public API: no `from .x import _name` seams."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("unisteer")):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {', '.join(private)}")
+    assert not offenders, "private names imported across modules: " + "; ".join(offenders)

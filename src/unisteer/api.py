@@ -357,13 +357,13 @@ class SweepResult(_Result):
                 f"computed, {self.rows_reused} reused)")
 
     def _table(self) -> tuple[list[str], list[list[Any]]]:
-        from .analysis.sweep import _scores_path, read_scores
+        from .analysis.sweep import read_scores, scores_path
 
         header = ["update", "split", "example", "m", "L_p", "L_n", "T_p", "T_n"]
         rows = []
         for update in self.updates:
             for split in self.splits:
-                for s in read_scores(_scores_path(self.out_dir, update, split)):
+                for s in read_scores(scores_path(self.out_dir, update, split)):
                     rows.append([update, split, s.example, s.m, s.L_p, s.L_n, s.T_p, s.T_n])
         return header, sorted(rows, key=lambda r: (r[0], r[1], r[3], r[2]))
 
@@ -536,7 +536,7 @@ class FitResult(_Result):
              mark: float | None = None):
         """Preference (top) and utility (bottom) log-odds vs m per split, with the fit; `mark` draws a line at m."""
         from .analysis.fitting import CONVERGENCE_THRESHOLD, LINEAR_THRESHOLD
-        from .analysis.plots import _PALETTE, Curve, _draw_curve, _draw_fit, _shade_regions
+        from .analysis.plots import PALETTE, Curve, draw_curve, draw_fit, draw_regions
 
         variant = variant or self.variant
         names = [update] if update is not None else self.updates
@@ -559,13 +559,13 @@ class FitResult(_Result):
                     if pair is None:
                         continue
                     curve = Curve.from_aggregated(name, getattr(pair, quantity))
-                    color = _PALETTE[index % len(_PALETTE)]
+                    color = PALETTE[index % len(PALETTE)]
                     span = (float(curve.m.min()), float(curve.m.max()))
                     if decay is not None and len(names) == 1:
-                        _shade_regions(ax, decay, span, LINEAR_THRESHOLD, CONVERGENCE_THRESHOLD)
-                    _draw_curve(ax, curve, color, label=name, connect=decay is None)
+                        draw_regions(ax, decay, span, LINEAR_THRESHOLD, CONVERGENCE_THRESHOLD)
+                    draw_curve(ax, curve, color, label=name, connect=decay is None)
                     if decay is not None:
-                        _draw_fit(ax, decay, curve, color, span)
+                        draw_fit(ax, decay, curve, color, span)
                 if mark is not None:
                     ax.axvline(mark, color="black", linewidth=1.2, label=f"m = {mark:g}")
                 ax.axhline(0.0, color="0.6", linewidth=0.6)
@@ -850,7 +850,7 @@ def table3(fits: FitResult, evaluations: Mapping[str, EvalResult], *, trained: A
     `trained` (TrainResults, a list or dict) adds training times; data / model / layer / dtype label the table
     (default: what the sweep recorded).
     """
-    from .pipeline import CellConfig, RunConfig, _summary
+    from .pipeline import CellConfig, RunConfig, run_summary
 
     trained_by_name = {}
     if trained is not None:
@@ -883,7 +883,7 @@ def table3(fits: FitResult, evaluations: Mapping[str, EvalResult], *, trained: A
     layers = {c.name: (evaluations[c.name].update or {}).get("layer") for c in cells}
     chosen_layer = layer if layer is not None else next((v for v in layers.values() if v is not None), -1)
     timings = {c.name: trained_by_name[c.name].seconds if c.name in trained_by_name else None for c in cells}
-    summary = _summary(config, dtype or settings.get("dtype") or "?", chosen_layer, timings, fits.fits,
+    summary = run_summary(config, dtype or settings.get("dtype") or "?", chosen_layer, timings, fits.fits,
                        {name: e.record for name, e in evaluations.items()}, fits.variant)
     return Table3(summary)
 

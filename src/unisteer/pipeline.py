@@ -321,7 +321,7 @@ def _finish(config: RunConfig, prepared: Prepared, timings: dict[str, float | No
     if prepared.evaluates:
         for name in ("vanilla", *(cell.name for cell in config.cells)):
             evaluations[name] = read_json(out / "eval" / f"{name}.json")
-    summary = _summary(config, prepared.dtype, prepared.layer, timings, fits, evaluations, variant)
+    summary = run_summary(config, prepared.dtype, prepared.layer, timings, fits, evaluations, variant)
     data_record = read_json(out / "data.json") if (out / "data.json").exists() else {}
     _add_judged(summary, out, open_ended=bool((data_record.get("open_prompts") or {}).get("test")),
                 judged=config.judge is not None)
@@ -470,7 +470,7 @@ def _run_rendering(out: Path, model, tokenizer, config: RunConfig, data, resolve
 # ---------------------------------------------------------------------------------------------- summary
 
 
-def _summary(config: RunConfig, dtype: str, layer: int, timings, fits, evaluations, variant: str) -> dict[str, Any]:
+def run_summary(config: RunConfig, dtype: str, layer: int, timings, fits, evaluations, variant: str) -> dict[str, Any]:
     rows = []
     vanilla = evaluations.get("vanilla")
     if vanilla is not None:

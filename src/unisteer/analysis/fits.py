@@ -22,7 +22,7 @@ from .fitting import DecayFit, fit_preference, fit_utility, score
 from .logodds import VARIANTS, AggregatedCurve, aggregate_per_multiplier, compute_log_odds, paired_change
 from .manifold import correlate
 from .paired import PairScore
-from .sweep import _scores_path, log, read_scores, read_sweep_info
+from .sweep import log, read_scores, read_sweep_info, scores_path
 from .tradeoff import ExampleGrid, ManifoldTracking, UtilityPeak, manifold_tracking, utility_peak
 
 
@@ -113,7 +113,7 @@ def load_sweep(out_dir: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str
     rows = {}
     for update in info["updates"]:
         for split in info["splits"]:
-            scores = read_scores(_scores_path(out, update, split))
+            scores = read_scores(scores_path(out, update, split))
             if scores:
                 rows[(update, split)] = _rows_to_arrays(scores, eps)
     if not rows:

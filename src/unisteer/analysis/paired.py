@@ -60,7 +60,7 @@ class PairScore:
 
 
 @dataclass
-class _Chunk:
+class Chunk:
     """Examples scored together.
 
     Every prompt of the chunk starts with the same `prefix_ids` (for chat data: the template head and any
@@ -100,7 +100,7 @@ class _Rows:
 
 
 @dataclass
-class _PassResult:
+class PassResult:
     nll_sum: torch.Tensor  # [2R] interleaved positive/negative
     n_tokens: torch.Tensor  # [2R]
     inputs: dict[int, _LayerInputs]
@@ -168,8 +168,8 @@ def _fill_skipped_layers(cache: Any, start_layer: int, rows: int, width: int, li
 
 
 @torch.no_grad()
-def _paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steering: Steering | None = None,
-                 input_layers: Sequence[int] = (), output_layers: Sequence[int] = ()) -> _PassResult:
+def paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steering: Steering | None = None,
+                 input_layers: Sequence[int] = (), output_layers: Sequence[int] = ()) -> PassResult:
     """Shared prefix once per multiplier, each prompt's suffix once, then both completions on that cache."""
     if start_layer > 0 and rows.inputs is None:
         raise UnisteerError("a pass that starts above layer 0 needs the recorded layer inputs")
@@ -242,7 +242,7 @@ def _paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steerin
     points = {layer: (torch.cat([recorder.outputs["suffix"][layer][row_index, last],
                                  recorder.outputs["completion"][layer][real]]).cpu(), point_rows)
               for layer in output_layers}
-    return _PassResult(scores.nll_sum.cpu(), scores.n_tokens.cpu(), inputs, points)
+    return PassResult(scores.nll_sum.cpu(), scores.n_tokens.cpu(), inputs, points)
 
 
 def sliding_window(model: nn.Module) -> int | None:
@@ -254,8 +254,8 @@ def sliding_window(model: nn.Module) -> int | None:
     return window
 
 
-def _make_chunk(encoded: Sequence[EncodedPair], examples: Sequence[int], pad_token_id: int,
-                window: int | None = None) -> _Chunk:
+def make_chunk(encoded: Sequence[EncodedPair], examples: Sequence[int], pad_token_id: int,
+                window: int | None = None) -> Chunk:
     """Chunk layout. Padding between the suffix and the completions is harmless under full attention, but a
     sliding window counts cache slots, padding included; where the padded sequence could exceed the window
     the prompts are left-padded whole instead (no shared prefix, no padding between real tokens)."""
@@ -276,7 +276,7 @@ def _make_chunk(encoded: Sequence[EncodedPair], examples: Sequence[int], pad_tok
     views = [view for pair in pairs for view in (pair, dataclasses.replace(pair, positive_ids=pair.negative_ids))]
     completions = collate_completions(views, "positive", pad_token_id=pad_token_id, padding_side="right")
     lengths = torch.tensor([len(pair.prompt_ids) for pair in pairs], dtype=torch.long)
-    return _Chunk(list(examples), torch.tensor(prefix, dtype=torch.long), suffix, completions, lengths)
+    return Chunk(list(examples), torch.tensor(prefix, dtype=torch.long), suffix, completions, lengths)
 
 
 def _real_columns(batch: TokenBatch, index: torch.Tensor) -> slice:
@@ -294,12 +294,12 @@ def _select(batch: TokenBatch, index: torch.Tensor) -> TokenBatch:
                       padding_side=batch.padding_side, meta=[batch.meta[i] for i in index.tolist()])
 
 
-def _base_rows(chunk: _Chunk) -> _Rows:
+def base_rows(chunk: Chunk) -> _Rows:
     return _Rows(chunk.prefix_ids, chunk.suffix, chunk.completions, chunk.prompt_lengths,
                  torch.zeros(len(chunk.examples), dtype=torch.long), torch.zeros(1))
 
 
-def _steered_rows_batch(chunk: _Chunk, rows: Sequence[tuple[int, float]], layer: int) -> _Rows:
+def _steered_rows_batch(chunk: Chunk, rows: Sequence[tuple[int, float]], layer: int) -> _Rows:
     """Rows (chunk position, multiplier) with their recorded layer-L inputs."""
     index = torch.as_tensor([p for p, _ in rows], dtype=torch.long)
     pair_index = torch.stack([2 * index, 2 * index + 1], 1).reshape(-1)
@@ -311,14 +311,14 @@ def _steered_rows_batch(chunk: _Chunk, rows: Sequence[tuple[int, float]], layer:
     return _Rows(chunk.prefix_ids, suffix, completions, chunk.prompt_lengths[index], row_group, groups, inputs)
 
 
-def _length_sorted_chunks(encoded: Sequence[EncodedPair], size: int) -> list[list[int]]:
+def length_sorted_chunks(encoded: Sequence[EncodedPair], size: int) -> list[list[int]]:
     """Examples grouped by length (little padding per batch), each group in index order."""
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].prompt_ids),
                                                        max(len(encoded[i].positive_ids), len(encoded[i].negative_ids)), i))
     return [sorted(order[start:start + size]) for start in range(0, len(order), size)]
 
 
-def _steering(model: nn.Module, update: Update, positions: str | None) -> Steering:
+def zero_steering(model: nn.Module, update: Update, positions: str | None) -> Steering:
     return Steering(model, update, multiplier=0.0, positions=positions)
 
 
@@ -333,11 +333,11 @@ def score_pairs(model: nn.Module, update: Update, encoded: Sequence[EncodedPair]
     grid = check_multipliers(list(multipliers), sort=True)
     layer = update.layer
     results: dict[tuple[int, float], PairScore] = {}
-    steering = _steering(model, update, positions)
+    steering = zero_steering(model, update, positions)
     with eval_mode(model, update):
-        for examples in _length_sorted_chunks(encoded, chunk_examples):
-            chunk = _make_chunk(encoded, examples, pad_token_id, sliding_window(model))
-            base = _paired_pass(model, _base_rows(chunk), input_layers=[layer])
+        for examples in length_sorted_chunks(encoded, chunk_examples):
+            chunk = make_chunk(encoded, examples, pad_token_id, sliding_window(model))
+            base = paired_pass(model, base_rows(chunk), input_layers=[layer])
             chunk.inputs = base.inputs
             if 0.0 in grid:
                 for s in base.scores(examples, [0.0] * len(examples)):
@@ -345,15 +345,15 @@ def score_pairs(model: nn.Module, update: Update, encoded: Sequence[EncodedPair]
             rows = [(pos, m) for m in grid if m != 0.0 for pos in range(len(examples))]
             for start in range(0, len(rows), batch_rows):
                 part = rows[start:start + batch_rows]
-                result = _steered_pass(model, chunk, part, update, steering, [])
+                result = steered_pass(model, chunk, part, update, steering, [])
                 for s in result.scores([examples[p] for p, _ in part], [m for _, m in part]):
                     results[(s.example, s.m)] = s
     return [results[(i, m)] for m in grid for i in range(len(encoded))]
 
 
-def _steered_pass(model: nn.Module, chunk: _Chunk, rows: Sequence[tuple[int, float]], update: Update,
-                  steering: Steering, output_layers: Sequence[int]) -> _PassResult:
-    return _paired_pass(model, _steered_rows_batch(chunk, rows, update.layer), start_layer=update.layer,
+def steered_pass(model: nn.Module, chunk: Chunk, rows: Sequence[tuple[int, float]], update: Update,
+                  steering: Steering, output_layers: Sequence[int]) -> PassResult:
+    return paired_pass(model, _steered_rows_batch(chunk, rows, update.layer), start_layer=update.layer,
                         steering=steering, output_layers=output_layers)
 
 

@@ -37,7 +37,7 @@ _DPI = 120
 _FIT_GRID_POINTS = 400
 
 
-_PALETTE = (
+PALETTE = (
     "#1f77b4",
     "#d62728",
     "#2ca02c",
@@ -163,17 +163,17 @@ def plot_dynamics(
         for row, (quantity, ylabel) in enumerate(rows):
             ax = axes[row][col]
             for index, update in enumerate(updates):
-                color = _PALETTE[index % len(_PALETTE)]
+                color = PALETTE[index % len(PALETTE)]
                 curve = getattr(update, quantity).get(split)
                 fit = getattr(update, f"{quantity}_fit")
                 if shade_regions and index == 0 and fit is not None:
                     span = _x_span(updates, quantity, split)
-                    _shade_regions(ax, fit, span, linear_threshold, convergence_threshold)
+                    draw_regions(ax, fit, span, linear_threshold, convergence_threshold)
                 if curve is not None:
                     # Without a fit, a thin line joins the points; with one, the fitted curve is the line.
-                    _draw_curve(ax, curve, color, label=update.label, connect=fit is None)
+                    draw_curve(ax, curve, color, label=update.label, connect=fit is None)
                 if fit is not None:
-                    _draw_fit(ax, fit, curve, color, _x_span(updates, quantity, split))
+                    draw_fit(ax, fit, curve, color, _x_span(updates, quantity, split))
             ax.axhline(0.0, color="0.6", linewidth=0.6)
             ax.axvline(0.0, color="0.6", linewidth=0.6)
             ax.set_title(f"{quantity} — {split}")
@@ -212,7 +212,7 @@ def plot_tradeoff(
     fig = Figure(figsize=(6.4, 5.2), layout="constrained")
     ax = fig.subplots()
     for index, curve in enumerate(curves):
-        color = _PALETTE[index % len(_PALETTE)]
+        color = PALETTE[index % len(PALETTE)]
         order = np.argsort(curve.m)
         x, y, m = curve.utility[order], curve.preference[order], curve.m[order]
         ax.plot(x, y, "-o", color=color, markersize=3.5, linewidth=1.4, label=curve.label)
@@ -257,7 +257,7 @@ def plot_metric(
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     for index, curve in enumerate(curves):
-        _draw_curve(ax, curve, _PALETTE[index % len(_PALETTE)], label=curve.label, connect=True)
+        draw_curve(ax, curve, PALETTE[index % len(PALETTE)], label=curve.label, connect=True)
     for reference in references:
         ax.axhline(reference.value, label=reference.label, **reference.style)
     if log_y:
@@ -271,7 +271,7 @@ def plot_metric(
     return _save(fig, path)
 
 
-def _draw_curve(ax: Any, curve: Curve, color: str, *, label: str, connect: bool) -> None:
+def draw_curve(ax: Any, curve: Curve, color: str, *, label: str, connect: bool) -> None:
     order = np.argsort(curve.m)
     m = curve.m[order]
     style = "-o" if connect else "o"
@@ -280,7 +280,7 @@ def _draw_curve(ax: Any, curve: Curve, color: str, *, label: str, connect: bool)
         ax.fill_between(m, curve.ci_low[order], curve.ci_high[order], color=color, alpha=0.18, linewidth=0)
 
 
-def _draw_fit(ax: Any, fit: DecayFit, curve: Curve | None, color: str, span: tuple[float, float]) -> None:
+def draw_fit(ax: Any, fit: DecayFit, curve: Curve | None, color: str, span: tuple[float, float]) -> None:
     grid = np.linspace(span[0], span[1], _FIT_GRID_POINTS)
     r2 = score(fit, curve.m, curve.mean) if curve is not None else None
     label = "fit" if r2 is None else f"fit, R²={r2:.3f}"
@@ -290,7 +290,7 @@ def _draw_fit(ax: Any, fit: DecayFit, curve: Curve | None, color: str, span: tup
             ax.axvline(breakdown, color=color, linestyle=":", linewidth=1.2)
 
 
-def _shade_regions(
+def draw_regions(
     ax: Any,
     fit: DecayFit,
     span: tuple[float, float],

@@ -57,16 +57,16 @@ from ..files import JsonlLog, read_json, write_json
 from .logodds import VARIANTS
 from .manifold import METRICS, ManifoldReference, build_reference
 from .paired import (
+    Chunk,
     PairScore,
-    _base_rows,
-    _Chunk,
-    _length_sorted_chunks,
-    _make_chunk,
-    _paired_pass,
-    _PassResult,
-    _steered_pass,
-    _steering,
+    PassResult,
+    base_rows,
+    length_sorted_chunks,
+    make_chunk,
+    paired_pass,
     sliding_window,
+    steered_pass,
+    zero_steering,
 )
 
 log = logging.getLogger(__name__)
@@ -222,14 +222,14 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
             raise DataError(f"split {name!r} ({dataset.name}) has no pairs")
     encoder = encoder or PairEncoder(tokenizer, max_length=config.max_length)
     structure = model_structure(model)
-    steerings = {name: _steering(model, update, config.positions) for name, update in updates.items()}
+    steerings = {name: zero_steering(model, update, config.positions) for name, update in updates.items()}
     layers = manifold_layers_for(structure.num_layers, [u.layer for u in updates.values()], config)
     out = Path(out_dir)
     grids = {name: grid_for(name, update, config) for name, update in updates.items()}
     info = _merge_sweep_file(out, _sweep_record(model, encoder, updates, splits, grids, config, layers, settings))
 
     encoded = {name: encoder.encode_all(dataset.pairs) for name, dataset in splits.items()}
-    done = {(u, s): _load_done(_scores_path(out, u, s)) for u in updates for s in splits}
+    done = {(u, s): _load_done(scores_path(out, u, s)) for u in updates for s in splits}
     todo = {(u, s): [(i, m) for m in grids[u] for i in range(len(encoded[s])) if (i, m) not in done[(u, s)]]
             for u in updates for s in splits}
     total = sum(len(rows) for rows in todo.values())
@@ -251,7 +251,7 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
             base_seconds += time.perf_counter() - tick
             for name, update in updates.items():
                 measured = [layer for layer in layers if layer >= update.layer]
-                path = _scores_path(out, name, split)
+                path = scores_path(out, name, split)
                 pending = {(i, m) for i, m in todo[(name, split)]}
                 for chunk, base in chunks:
                     rows = []
@@ -273,13 +273,13 @@ def run_sweep(model: nn.Module, tokenizer: Any, updates: Mapping[str, Update], s
 
 def _base_passes(model: nn.Module, pad_token_id: int, encoded: Sequence[EncodedPair],
                  updates: Mapping[str, Update], layers: Sequence[int], config: SweepConfig
-                 ) -> tuple[list[tuple[_Chunk, _PassResult]], dict[int, ManifoldReference]]:
+                 ) -> tuple[list[tuple[Chunk, PassResult]], dict[int, ManifoldReference]]:
     """Unsteered passes over a split: layer inputs, m = 0 scores, and the manifold reference per layer."""
     input_layers = sorted({u.layer for u in updates.values()})
     chunks = []
-    for examples in _length_sorted_chunks(encoded, config.chunk_examples):
-        chunk = _make_chunk(encoded, examples, pad_token_id, sliding_window(model))
-        base = _paired_pass(model, _base_rows(chunk), input_layers=input_layers, output_layers=layers)
+    for examples in length_sorted_chunks(encoded, config.chunk_examples):
+        chunk = make_chunk(encoded, examples, pad_token_id, sliding_window(model))
+        base = paired_pass(model, base_rows(chunk), input_layers=input_layers, output_layers=layers)
         chunk.inputs = base.inputs
         chunks.append((chunk, base))
     reference: dict[int, ManifoldReference] = {}
@@ -305,7 +305,7 @@ def _reference_examples(n: int, limit: int, seed: int) -> set[int]:
     return set(torch.randperm(n, generator=generator)[:limit].tolist())
 
 
-def _steered_rows(model: nn.Module, chunk: _Chunk, update: Update, steering: Steering,
+def _steered_rows(model: nn.Module, chunk: Chunk, update: Update, steering: Steering,
                   pending: set[tuple[int, float]], grid: Sequence[float], layers: Sequence[int],
                   reference: Mapping[int, ManifoldReference], batch_rows: int) -> list[PairScore]:
     """Scores of the chunk's pending (example, m) rows.
@@ -320,14 +320,14 @@ def _steered_rows(model: nn.Module, chunk: _Chunk, update: Update, steering: Ste
         part = rows[start:start + batch_rows]
         if not any((chunk.examples[pos], m) in pending for pos, m in part):
             continue
-        result = _steered_pass(model, chunk, part, update, steering, layers)
+        result = steered_pass(model, chunk, part, update, steering, layers)
         examples = [chunk.examples[p] for p, _ in part]
         scores = _with_manifold(result.scores(examples, [m for _, m in part]), examples, result, layers, reference)
         out += [score for score in scores if (score.example, score.m) in pending]
     return out
 
 
-def _with_manifold(scores: list[PairScore], examples: Sequence[int], result: _PassResult, layers: Sequence[int],
+def _with_manifold(scores: list[PairScore], examples: Sequence[int], result: PassResult, layers: Sequence[int],
                    reference: Mapping[int, ManifoldReference]) -> list[PairScore]:
     """Attach per-row manifold metrics (mean over the row's points) to each score."""
     if not layers:
@@ -346,7 +346,7 @@ def _with_manifold(scores: list[PairScore], examples: Sequence[int], result: _Pa
     return [dataclasses.replace(s, manifold=m) for s, m in zip(scores, per_row, strict=True)]
 
 
-def _scores_path(out: Path, update: str, split: str) -> Path:
+def scores_path(out: Path, update: str, split: str) -> Path:
     return out / SCORES_DIR / update / f"{split}.jsonl"
 
 

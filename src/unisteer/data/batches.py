@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from .pairs import Side, _check_side
+from .pairs import Side, check_side
 from .rendering import EncodedPair
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
@@ -72,7 +72,7 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 def collate_pairs(encoded: Sequence[EncodedPair], side: Side, *, pad_token_id: int,
                   padding_side: PaddingSide = "right") -> TokenBatch:
     """`prompt + completion` sequences of one side; labels mask the prompt and the padding."""
-    _check_side(side)
+    check_side(side)
     rows, labels, completion, answer = [], [], [], []
     for ep in encoded:
         comp = ep.completion_ids(side)
@@ -107,7 +107,7 @@ def collate_completions(encoded: Sequence[EncodedPair], side: Side, *, pad_token
     the prompt batch's last position). The attention mask of the call is the prompt batch's mask followed
     by this one's.
     """
-    _check_side(side)
+    check_side(side)
     rows = [list(ep.completion_ids(side)) for ep in encoded]
     completion = [[True] * len(r) for r in rows]
     prompt_lengths = [len(ep.prompt_ids) for ep in encoded]

@@ -44,7 +44,7 @@ class PolarityPair:
                 raise TypeError(f"PolarityPair.{name} must be str, got {type(getattr(self, name)).__name__}")
 
     def completion(self, side: Side) -> str:
-        _check_side(side)
+        check_side(side)
         return self.positive if side == "positive" else self.negative
 
     def key(self) -> tuple[str, str, str]:
@@ -68,7 +68,7 @@ class DataWarning:
     unit: str = "line"  # "line" for text formats, "row" for Parquet
 
     def __str__(self) -> str:
-        return f"{_place(self.file, self.line, self.unit)}: {self.message}"
+        return f"{source_place(self.file, self.line, self.unit)}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -81,13 +81,13 @@ class SourceRecord:
     unit: str = "line"
 
 
-def _place(file: str, line: int | None, unit: str = "line") -> str:
+def source_place(file: str, line: int | None, unit: str = "line") -> str:
     if line is None:
         return file
     return f"{file}:{line}" if unit == "line" else f"{file} {unit} {line}"
 
 
-def _check_side(side: str) -> None:
+def check_side(side: str) -> None:
     if side not in SIDES:
         raise ValueError(f"side must be 'positive' or 'negative', got {side!r}")
 
@@ -118,7 +118,7 @@ class PairDataset:
             first = first_seen.get(pair.key())
             if first is not None:
                 found.append(DataWarning("duplicate_pair", rec.file, rec.line, "duplicate of the pair at "
-                                         f"{_place(first.file, first.line, first.unit)}; removed", rec.unit))
+                                         f"{source_place(first.file, first.line, first.unit)}; removed", rec.unit))
                 continue
             first_seen[pair.key()] = rec
             kept.append(pair)
@@ -159,7 +159,7 @@ class PairDataset:
         for w in self.warnings:
             by_kind[w.kind].append(w)
         for kind, items in by_kind.items():
-            places = ", ".join(_place(w.file, w.line, w.unit) for w in items[:5])
+            places = ", ".join(source_place(w.file, w.line, w.unit) for w in items[:5])
             more = f" and {len(items) - 5} more" if len(items) > 5 else ""
             log.warning("%s: %d %s warning(s) at %s%s", self.name, len(items), kind, places, more)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import from_dict
 from ..errors import ConfigError, DataError
-from .pairs import DataWarning, PairDataset, PolarityPair, SourceRecord, _place
+from .pairs import DataWarning, PairDataset, PolarityPair, SourceRecord, source_place
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def text_field(row: Mapping[str, Any], name: str, path: Path, line: int, unit: s
     value = row.get(name)
     if isinstance(value, str):
         return value
-    where = _place(str(path), line, unit)
+    where = source_place(str(path), line, unit)
     if value is None:
         raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
     raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__} {value!r:.60}")
@@ -260,7 +260,7 @@ def text_field(row: Mapping[str, Any], name: str, path: Path, line: int, unit: s
 
 def _record_from_row(row: Mapping[str, Any], fields: FieldMap, path: Path, line: int, unit: str,
                      warnings: list[DataWarning]) -> SourceRecord:
-    where = _place(str(path), line, unit)
+    where = source_place(str(path), line, unit)
     prompt = text_field(row, fields.prompt, path, line, unit)
     if fields.is_ab:
         texts = [text_field(row, c, path, line, unit) for c in fields.choices]

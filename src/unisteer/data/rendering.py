@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import from_dict
 from ..errors import ConfigError
-from .pairs import PolarityPair, Side, _check_side
+from .pairs import PolarityPair, Side, check_side
 
 TEMPLATES = ("auto", "chat", "plain")
 
@@ -147,12 +147,12 @@ class EncodedPair:
     negative_answer_length: int | None = None
 
     def completion_ids(self, side: Side) -> list[int]:
-        _check_side(side)
+        check_side(side)
         return self.positive_ids if side == "positive" else self.negative_ids
 
     def answer_length(self, side: Side) -> int:
         """How many leading completion ids are the answer itself (the rest is the end-of-turn suffix)."""
-        _check_side(side)
+        check_side(side)
         length = self.positive_answer_length if side == "positive" else self.negative_answer_length
         return len(self.completion_ids(side)) if length is None else length
 

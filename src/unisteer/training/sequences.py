@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _Example:
+class TrainingExample:
     """One preference example: which pair, which direction, the signed multiplier of each side."""
 
     pair: int
@@ -246,7 +246,7 @@ def _shared_prefix(sequences: _Sequences, length: int) -> list[int] | None:
     return sequences.ids[0][:length] if common_prefix_length(prompts) >= length else None
 
 
-def _preference_rows(scorer: _Scorer, steering: Steering, pairs: Sequence[int], multipliers: Sequence[float],
+def preference_rows(scorer: _Scorer, steering: Steering, pairs: Sequence[int], multipliers: Sequence[float],
                      batch_size: int) -> list[dict[str, float]]:
     """Per multiplier: mean over pairs of PrefOdds (L̄_n − L̄_p, per-token and summed) and the two NLLs."""
     rows = [(2 * p + side, m) for m in multipliers for p in pairs for side in (0, 1)]
@@ -285,7 +285,7 @@ def evaluate_preference(model: nn.Module, update: Update, pairs: PairDataset | S
     with eval_mode(update):
         scorer = _Scorer(model, update.layer, sequences, pad_id=encoder.pad_token_id, store=None, prefix_ids=None)
         steering = Steering(model, update, multiplier=0.0)
-        return _preference_rows(scorer, steering, range(len(sequences) // 2), multipliers, batch_size)
+        return preference_rows(scorer, steering, range(len(sequences) // 2), multipliers, batch_size)
 
 
 def encoder_for(tokenizer: Any, max_length: int, rendering: Rendering | str | None = None) -> PairEncoder:

@@ -61,9 +61,9 @@ from .config import TrainConfig
 from .objectives import OBJECTIVES, LossTerms, ObjectiveInputs, ProjectingVector
 from .run_folder import RunFolder
 from .sequences import (
-    _Example,
-    _preference_rows,
+    TrainingExample,
     encoder_for,
+    preference_rows,
     prepare_training_data,
 )
 
@@ -181,7 +181,7 @@ class _Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         return torch.randperm(self.data.n_pairs, generator=generator).tolist()
 
-    def _examples(self, pairs: Sequence[int]) -> list[_Example]:
+    def _examples(self, pairs: Sequence[int]) -> list[TrainingExample]:
         cfg, rng = self.config, self.factor_rng
         examples = []
         for pair in pairs:
@@ -190,10 +190,10 @@ class _Trainer:
                 win = rng.choice(cfg.factors)
                 lose = win if cfg.share_factor else rng.choice(cfg.factors)
                 project = self.projecting and direction < 0
-                examples.append(_Example(pair, direction, direction * win, direction * lose, project))
+                examples.append(TrainingExample(pair, direction, direction * win, direction * lose, project))
         return examples
 
-    def _batch_loss(self, examples: list[_Example]) -> list[LossTerms]:
+    def _batch_loss(self, examples: list[TrainingExample]) -> list[LossTerms]:
         """One forward over every sequence of the batch (winning then losing rows); a loss per minibatch."""
         sequences = [e.win_sequence for e in examples] + [e.lose_sequence for e in examples]
         multipliers = torch.tensor([e.win_multiplier for e in examples] + [e.lose_multiplier for e in examples],
@@ -233,7 +233,7 @@ class _Trainer:
         m = self.config.eval_multiplier
         with eval_mode(self.update):
             multipliers = [-m, m] if unsteered is not None else [-m, 0.0, m]
-            rows = _preference_rows(self.data.eval_scorer, self.eval_steering, self.data.eval_pairs, multipliers,
+            rows = preference_rows(self.data.eval_scorer, self.eval_steering, self.data.eval_pairs, multipliers,
                                     self.config.cache_batch_size)
         return rows if unsteered is None else [rows[0], unsteered, rows[1]]
 
