@@ -153,3 +153,25 @@ def test_no_module_imports_another_modules_private_names():
                 if private:
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {', '.join(private)}")
     assert not offenders, "private names imported across modules: " + "; ".join(offenders)
+
+
+def _calls(name: str) -> list[tuple[Path, ast.Call]]:
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if called == name:
+                    found.append((path, node))
+    return found
+
+
+def test_kv_cache_methods_are_called_only_in_hf_compat():
+    """Cache classes change between transformers releases; every call into one lives in engine/hf_compat.py."""
+    methods = ("batch_select_indices", "batch_repeat_interleave", "crop", "reorder_cache", "get_seq_length",
+               "DynamicCache")
+    offenders = [f"{path.relative_to(PACKAGE)}:{node.lineno}" for method in methods for path, node in _calls(method)
+                 if path.name != "hf_compat.py"]
+    assert not offenders, "KV-cache calls outside engine/hf_compat.py: " + ", ".join(offenders)
+

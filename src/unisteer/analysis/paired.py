@@ -31,7 +31,7 @@ from ..data.batches import IGNORE_INDEX, PaddingSide, TokenBatch, collate_comple
 from ..data.rendering import EncodedPair
 from ..engine.architecture import model_structure, text_config
 from ..engine.devices import input_device
-from ..engine.hf_compat import cache_kwargs, fill_layers, new_cache
+from ..engine.hf_compat import cache_kwargs, fill_layers, new_cache, repeat_rows, select_rows
 from ..engine.prefix import layers_from
 from ..engine.scoring import completion_nll, completion_nll_from_hidden, stack_owner
 from ..engine.steering import Steering
@@ -204,7 +204,7 @@ def paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steering
             with stage_inputs("prefix"):
                 prefix_out = _run_stack(model, ids, prefix_mask[:n_groups], positions, cache)
             _fill_skipped_layers(cache, start_layer, n_groups, width, prefix_out)
-            cache.batch_select_indices(rows.row_group.to(device))
+            select_rows(cache, rows.row_group.to(device))
         recorder.stage = "suffix"
         if steering is not None:
             steering.set_multiplier(row_multipliers)
@@ -212,7 +212,7 @@ def paired_pass(model: nn.Module, rows: _Rows, *, start_layer: int = 0, steering
         with stage_inputs("suffix"):
             suffix_out = _run_stack(model, suffix.input_ids, suffix_mask, suffix.position_ids, cache)
         _fill_skipped_layers(cache, start_layer, n_rows, suffix.input_ids.shape[1], suffix_out)
-        cache.batch_repeat_interleave(2)
+        repeat_rows(cache, 2)
         recorder.stage = "completion"
         if steering is not None:
             steering.set_multiplier(row_multipliers.repeat_interleave(2))

@@ -194,6 +194,16 @@ def cache_is_joinable(cache: Any) -> bool:
                and getattr(layer, "is_initialized", True) for layer in layers)
 
 
+def select_rows(cache: Any, index: torch.Tensor) -> None:
+    """Keep only these batch rows of the cache, in this order (rows may repeat)."""
+    cache.batch_select_indices(index)
+
+
+def repeat_rows(cache: Any, times: int) -> None:
+    """Repeat every batch row `times` times in place (row i becomes rows i·times … i·times + times − 1)."""
+    cache.batch_repeat_interleave(times)
+
+
 def drop_leading_columns(cache: Any, columns: int) -> None:
     """Remove the first `columns` sequence positions of every layer (padding no remaining row needs)."""
     if columns <= 0:

@@ -35,6 +35,7 @@ from ..engine.hf_compat import (
     drop_leading_columns,
     join_left_padded,
     new_cache,
+    select_rows,
 )
 from ..engine.steering import Steering
 from ..engine.updates import Update
@@ -437,7 +438,7 @@ class _BatchRun:
         return _Live(live.states, live.cache, mask, out.logits[:, -1, :])
 
     def _narrowed(self, live: _Live, index: torch.Tensor) -> _Live:
-        live.cache.batch_select_indices(index)
+        select_rows(live.cache, index)
         mask = live.mask[index]
         if cache_is_joinable(live.cache):
             # Columns that are padding in every remaining row (a long row left) are dropped from the cache.

@@ -27,7 +27,7 @@ from ..data.pairs import PairDataset, PolarityPair
 from ..data.rendering import EncodedPair, PairEncoder, Rendering
 from ..engine.architecture import model_structure
 from ..engine.devices import input_device
-from ..engine.hf_compat import cache_kwargs, output_cache
+from ..engine.hf_compat import cache_kwargs, output_cache, repeat_rows
 from ..engine.prefix import layers_from, recording, run_until
 from ..engine.scoring import (
     CompletionScores,
@@ -198,7 +198,7 @@ class _Scorer:
         mask = torch.cat([torch.ones((rows, k), dtype=new_mask.dtype, device=self.device), new_mask], dim=1)
         positions = torch.arange(k, k + new_mask.shape[1], device=self.device).expand(rows, -1)
         past = copy.deepcopy(self.prefix_cache)
-        past.batch_repeat_interleave(rows)
+        repeat_rows(past, rows)
         with layers_from(self.model, self.layer, hidden_in):
             hidden = final_hidden(self.model, batch["input_ids"].to(self.device), mask, position_ids=positions,
                                   **cache_kwargs(stack_owner(self.model), past))
