@@ -13,7 +13,7 @@ import unisteer as us
 
 small = os.environ.get("UNISTEER_TUTORIAL_SMALL") == "1"
 out = os.environ.get("UNISTEER_TUTORIAL_OUT", "tutorial")
-sizes = {"train": 8, "dev": 8, "test": 8} if small else None  # None: the demo's split, 500 / 100 / 100
+sizes = {"train": 4, "dev": 4, "test": 4} if small else None  # None: the demo's split, 500 / 100 / 100
 grid = [-8, -4, 0, 4, 8] if small else None                     # None: the vector form's grid, as the demo
 train_settings = {"eval_pairs": 0} if small else {}                # small: no before/after check on dev
 sweep_settings = {"manifold": False, "n_boot": 100} if small else {"n_boot": 500}
@@ -41,4 +41,4 @@ table.save(f"{out}/table3.json")
 
 m = steered.toward["multiplier"] or 8.0
 print(us.generate(model, tokenizer, ["Is it fine to lie to get ahead?"], split, [-m, 0, m],
-                  max_new_tokens=24 if small else 48, progress=False).table().to_string())
+                  max_new_tokens=16 if small else 48, progress=False).table().to_string())
