@@ -16,13 +16,7 @@ from test_serving import char_tokenizer
 from tiny_models import tiny_model
 from unisteer.files import write_json
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import tempfile
 
 import httpx
 import pytest
-import torch
 
 from test_serving import TINY, char_tokenizer, random_vector_update
 from tiny_models import tiny_model
@@ -63,12 +62,7 @@ def served(folder, api_key: str = ""):
         yield server
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 # ---------------------------------------------------------------------------------------------- no browser

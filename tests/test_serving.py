@@ -124,14 +124,7 @@ class Served:
                           headers={"Content-Type": "application/json"}, timeout=60, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """On a small shared machine, torch's intra-op threads fight other processes and run several times slower;
-    one thread gives the same results quickly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

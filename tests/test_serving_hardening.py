@@ -23,13 +23,7 @@ from unisteer.engine.storage import save_update
 from unisteer.engine.updates import create_update
 from unisteer.serving.app import ServerConfig, load_updates_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

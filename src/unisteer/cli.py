@@ -11,6 +11,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .engine.models import DEFAULT_DTYPE, DTYPE_CHOICES, DTYPE_HELP
 from .engine.updates import FORMS
@@ -34,6 +35,19 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="spread the model over devices with accelerate instead of --device: 'auto', "
                              "'balanced', or a JSON object of module -> device ('cpu'/'disk' offload)")
     parser.add_argument("--offload-folder", default=None, help="where a --device-map puts 'disk' layers")
+
+
+def _update_and_rendering(update_path: str | None, model, rendering_arg) -> tuple[Any, Any]:
+    """The saved update (or None) and the rendering to score it under: --rendering when given, else the one the
+    update was trained with, else the default."""
+    from .data.rendering import Rendering
+    from .engine.storage import load_update
+    from .workflow import rendering_of
+
+    update = load_update(update_path, model) if update_path else None
+    if rendering_arg is not None:
+        return update, Rendering.parse(rendering_arg)
+    return update, (rendering_of(update) if update is not None else None) or Rendering.parse(None)
 
 
 def _add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -456,20 +470,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data.rendering import Rendering
-    from .engine.storage import load_update
     from .engine.updates import default_grid
-    from .workflow import evaluate_choices, rendering_of
+    from .workflow import evaluate_choices
 
     _fields(args)  # a malformed --fields fails before the model loads
     rendering_arg = _rendering_arg(args.rendering)
     grid = _parse_floats(args.multipliers) if args.multipliers else None
     model, tokenizer = _load_model(args)
-    update = load_update(args.update, model) if args.update else None
-    if rendering_arg is not None:
-        rendering = Rendering.parse(rendering_arg)
-    else:
-        rendering = (rendering_of(update) if update is not None else None) or Rendering.parse(None)
+    update, rendering = _update_and_rendering(args.update, model, rendering_arg)
     grid = grid or (default_grid(update.spec.form) if update is not None else [0.0])
     data = load_data_from_args(args, model, tokenizer)
     result = evaluate_choices(model, tokenizer, data, update, grid, rendering=rendering, max_pairs=args.max_pairs,
@@ -694,8 +702,6 @@ def _register_judge(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
-    from .data.rendering import Rendering
-    from .engine.storage import load_update
     from .judged import (
         JudgeRunConfig,
         judge_prompts,
@@ -704,7 +710,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
         resolve_rubric,
         small_grid,
     )
-    from .workflow import check_held_out, rendering_of
+    from .workflow import check_held_out
 
     multipliers = _parse_floats(args.multipliers) if args.multipliers else None
     config = JudgeRunConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env,
@@ -717,11 +723,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     _fields(args)
     rendering_arg = _rendering_arg(args.rendering)
     model, tokenizer = _load_model(args)
-    update = load_update(args.update, model) if args.update else None
-    if rendering_arg is not None:
-        rendering = Rendering.parse(rendering_arg)
-    else:
-        rendering = (rendering_of(update) if update is not None else None) or Rendering.parse(None)
+    update, rendering = _update_and_rendering(args.update, model, rendering_arg)
     data = load_data_from_args(args, model, tokenizer)
     if update is not None and len(data.splits[args.split]):
         check_held_out(update, data.splits[args.split], name=f"the {args.split} split")
