@@ -129,3 +129,16 @@ def test_errors_are_the_cli_errors(run, tmp_path):
         us.evaluate(model, tokenizer, leaky, run["trained"], grid=[0], progress=False)
     with pytest.raises(us.DataError, match="not a finished training folder"):
         us.TrainResult.load(tmp_path)
+
+
+def test_pairs_built_in_a_notebook_split_like_a_file_of_them(run, tmp_path):
+    rows = [json.loads(line) for line in (run["root"] / "pairs.jsonl").read_text().splitlines()]
+    pairs = [us.PolarityPair(r["prompt"], r["positive"], r["negative"]) for r in rows]
+    in_memory = us.load_dataset(pairs, split={"dev": 8, "test": 8})
+    for part in ("train", "dev", "test"):
+        assert [p.key() for p in in_memory.splits[part]] == [p.key() for p in run["data"].splits[part]]
+    assert in_memory.choice_test is not None and len(in_memory.choice_test) == 8
+    with pytest.raises(us.DataError, match="item 1: dict"):
+        us.load_dataset([pairs[0], rows[1]])
+    with pytest.raises(us.DataError, match="an empty list"):
+        us.load_dataset([])

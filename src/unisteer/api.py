@@ -144,9 +144,10 @@ def _cell_text(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_dataset(name: str, *, split: Mapping[str, Any] | None = None, data_dir: str | None = None,
+def load_dataset(name: str | Sequence[Any], *, split: Mapping[str, Any] | None = None, data_dir: str | None = None,
                  fields: Any = None, model: Any = None, tokenizer: Any = None, cache_dir: str | Path | None = None):
-    """A built-in dataset (`unisteer data` lists them) or a JSONL/JSON/CSV/Parquet file of pairs, split.
+    """A built-in dataset (`unisteer data` lists them), a JSONL/JSON/CSV/Parquet file of pairs, or a list of
+    `us.PolarityPair` built in the notebook, split.
 
     `split` changes the dataset's default split ({"seed": 42, "train": 64, "dev": 50, "test": 100}); the same
     values give the same parts in every command, and sizes never move test or dev pairs into train. Returns a
@@ -160,7 +161,7 @@ def load_dataset(name: str, *, split: Mapping[str, Any] | None = None, data_dir:
 
 
 def _data(data: Any, model: Any, tokenizer: Any, out: str | Path | None):
-    if isinstance(data, str):
+    if isinstance(data, str | list | tuple):
         return load_dataset(data, model=model, tokenizer=tokenizer,
                             cache_dir=Path(out or "results") / "cache")
     if not hasattr(data, "splits"):

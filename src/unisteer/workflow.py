@@ -218,25 +218,37 @@ def check_held_out(update: Update, pairs: PairDataset, *, name: str, allow_overl
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_data(name: str, *, data_dir: str | None = None, fields: Any = None,
+def load_data(name: str | Sequence[PolarityPair], *, data_dir: str | None = None, fields: Any = None,
               split: Mapping[str, Any] | None = None, model: nn.Module | None = None, tokenizer: Any = None,
               cache_dir: str | Path | None = None) -> BuiltinData:
-    """A built-in dataset by name, or one read from a JSONL/JSON/CSV/Parquet file of pairs.
+    """A built-in dataset by name, one read from a JSONL/JSON/CSV/Parquet file of pairs, or pairs in memory
+    (a list of `PolarityPair`, as a notebook builds them).
 
     `split` changes fields of the dataset's default split (`datasets_builtin.split_spec`): every command
     that is given the same values gets the same parts, and sizes never move test or dev pairs into train.
     """
+    if not isinstance(name, str | Path):
+        pairs = list(name)
+        bad = next((i for i, p in enumerate(pairs) if not isinstance(p, PolarityPair)), None)
+        if bad is not None or not pairs:
+            what = "an empty list" if not pairs else f"item {bad}: {type(pairs[bad]).__name__}"
+            raise DataError(f"pairs: expected a non-empty list of PolarityPair(prompt, positive, negative), got {what}")
+        return _pairs_data(PairDataset.from_pairs(pairs, name="pairs"), split, files=())
     path = Path(name)
-    if name.startswith("axbench/"):
+    if str(name).startswith("axbench/"):
         return _axbench(name, data_dir=data_dir, split=split, model=model, tokenizer=tokenizer, cache_dir=cache_dir)
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
-        dataset = read_pairs(path, fields)
-        splits = dataset.split(split_spec(SplitConfig(dev=0.1, test=0.1), split))
-        choice = _all_choice(splits.test)
-        return BuiltinData(name=str(path), splits=splits, choice_test=splits.test if choice else None,
-                           choice_dev=splits.dev if choice and _all_choice(splits.dev) else None,
-                           files=(str(path),))
+        return _pairs_data(read_pairs(path, fields), split, files=(str(path),))
     return load_builtin(name, data_dir=data_dir, split=split)
+
+
+def _pairs_data(dataset: PairDataset, split: Mapping[str, Any] | None, *, files: tuple[str, ...]) -> BuiltinData:
+    """A user's own pairs (a file or a list), split 80 / 10 / 10 unless `split` says otherwise."""
+    splits = dataset.split(split_spec(SplitConfig(dev=0.1, test=0.1), split))
+    choice = _all_choice(splits.test)
+    return BuiltinData(name=files[0] if files else dataset.name, splits=splits,
+                       choice_test=splits.test if choice else None,
+                       choice_dev=splits.dev if choice and _all_choice(splits.dev) else None, files=files)
 
 
 def _axbench(name: str, *, data_dir: str | None, split: Mapping[str, Any] | None, model: nn.Module | None,
