@@ -30,7 +30,8 @@ def write_run_report(out_dir: str | Path, summary: dict[str, Any], fits: SweepFi
         if plot is not None:
             plots.append(plot)
     header, rows = table3_rows(summary)
-    blocks = [Block("h2", "Finding"), Block("ul", items=headline(summary) + tradeoff_findings(summary, fits))]
+    blocks = [Block("h2", "Finding"),
+              Block("ul", items=headline(summary) + tradeoff_findings(summary, fits) + _rendering_finding(out))]
     for caption, path in plots:
         blocks.append(Block("img", text=caption, path=path))
     proxy = (" (A/B proxy: choice questions standing in for open-ended behaviour)"
@@ -241,6 +242,20 @@ def _run_tradeoff_plot(out: Path, summary: dict[str, Any], fits: SweepFits) -> t
                          title="steering vs utility on test (rings: multipliers chosen on dev)")
     return ("Each point is one multiplier: test balanced accuracy (up = more matching answers) against test "
             "utility (right = the completions stay likely). Rings mark the +m and −m chosen on dev.", path)
+
+
+def _rendering_finding(out: Path) -> list[str]:
+    """Why the pairs were rendered as they were, where the measurement changed the prompt (e.g. an instruction)."""
+    path = out / "rendering.json"
+    if not path.exists():
+        return []
+    record = read_json(path)
+    instruction = record.get("rendering", {}).get("instruction")
+    if not instruction:
+        return []
+    return [f"Rendering (measured, {record.get('chosen_by')}): every question ends with {instruction!r} — "
+            + "; ".join(record.get("notes", [])) + ". Utility at m = 0 then measures a model that answers in "
+            "format, as the paper's larger models do when asked."]
 
 
 def _run_settings(out: Path, summary: dict[str, Any]) -> list[list[Any]]:
