@@ -173,7 +173,8 @@ def test_run_report_finding_states_the_tradeoff_beside_its_plot(report, tmp_path
     lines = tradeoff_findings(summary, fits)
     shaped = [line for line in lines if line.startswith("<b>shaped</b>")]
     assert "(F3): utility peaks at m = 0" in shaped[0] and "falls on both sides" in shaped[0]
-    assert "(F4)" in shaped[1] and "Spearman ρ = -" in shaped[1]
+    assert "(F4)" in shaped[1] and "utility falls where activations leave the manifold" in shaped[1]
+    assert "over 2 layer × metric pairs" in shaped[1]
     assert not any("(F4)" in line for line in lines if line.startswith("<b>reversed</b>"))
     assert "no cell's scores are explained by completion length" in lines[-1]
     page = write_run_report(tmp_path, summary, fits).read_text()
