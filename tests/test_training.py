@@ -419,7 +419,8 @@ def test_refuses_to_overwrite_a_finished_or_started_run(tmp_path):
                      resume=True)
 
 
-def test_resume_refuses_a_different_config(tmp_path):
+def interrupted_after_one_step(out_dir):
+    """A tiny Llama and the config of a run stopped after its first step (checkpointed every step)."""
     model = tiny_model("llama")
     config = small_config(batch_size=2, epochs=2, checkpoint_every=1)
 
@@ -427,8 +428,12 @@ def test_resume_refuses_a_different_config(tmp_path):
         raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_update(model, CharTokenizer(), toy_pairs(4), config, out_dir=tmp_path / "run", progress=False,
-                     callback=stop)
+        train_update(model, CharTokenizer(), toy_pairs(4), config, out_dir=out_dir, progress=False, callback=stop)
+    return model, config
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    model, config = interrupted_after_one_step(tmp_path / "run")
     with pytest.raises(TrainingError, match="lr"):
         train_update(model, CharTokenizer(), toy_pairs(4), dataclass_replace(config, lr=0.5),
                      out_dir=tmp_path / "run", progress=False, resume=True)
@@ -531,15 +536,7 @@ def test_a_second_training_into_one_folder_is_refused_at_once(tmp_path):
     (lambda s: {**s, "config": []}, "config: expected an object"),
 ])
 def test_an_edited_checkpoint_is_a_clear_error_not_a_finished_update(tmp_path, edit, message):
-    model = tiny_model("llama")
-    config = small_config(batch_size=2, epochs=2, checkpoint_every=1)
-
-    def stop(record):
-        raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_update(model, CharTokenizer(), toy_pairs(4), config, out_dir=tmp_path / "run", progress=False,
-                     callback=stop)
+    model, config = interrupted_after_one_step(tmp_path / "run")
     state_path = tmp_path / "run" / "checkpoint" / "state.json"
     state_path.write_text(json.dumps(edit(json.loads(state_path.read_text()))))
     with pytest.raises(TrainingError, match=message):
