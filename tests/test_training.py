@@ -94,6 +94,29 @@ def test_split_loss_by_hand():
     assert float(far.loss) == pytest.approx(lw, rel=1e-6)
 
 
+def test_split_per_pair_hinge_by_hand():
+    # Pair 0 is far past theta, pair 1 on the wrong side: the batch means satisfy the hinge, the pairs do not.
+    win, lose = scores([1.0, 4.0], [1, 1]), scores([9.0, 2.0], [1, 1])
+    batch = split_loss(win, lose, lambda_p=1.0, lambda_n=0.5, gamma=5.0, theta=0.4)
+    example = split_loss(win, lose, lambda_p=1.0, lambda_n=0.5, gamma=5.0, theta=0.4, hinge="example")
+    assert float(batch.extra["hinge"]) == 0.0
+    assert float(example.extra["hinge"]) == pytest.approx((0.0 + (0.4 - (2.0 - 4.0))) / 2, rel=1e-6)
+    assert float(example.loss - batch.loss) == pytest.approx(5.0 * 2.4 / 2, rel=1e-6)
+    # Per pair, each margin is that pair's mean token NLL difference; one pair: the same as the batch hinge.
+    one_w, one_l = scores([3.0], [2]), scores([2.0], [1])
+    assert float(split_loss(one_w, one_l, lambda_p=1.0, lambda_n=0.5, gamma=5.0, theta=0.4, hinge="example").loss) \
+        == pytest.approx(float(split_loss(one_w, one_l, lambda_p=1.0, lambda_n=0.5, gamma=5.0, theta=0.4).loss))
+
+
+def test_per_pair_hinge_trains_and_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="hinge"):
+        TrainConfig(hinge="pair")
+    model = tiny_model("llama")
+    result = train_update(model, CharTokenizer(), toy_pairs(4), small_config(hinge="example"), out_dir=tmp_path / "r",
+                          progress=False)
+    assert result.update.spec.training["config"]["hinge"] == "example"
+
+
 def test_reps_and_dpo_losses_by_hand():
     win, lose = scores([2.0, 6.0], [2, 3]), scores([3.0, 1.0], [3, 1])
     ref_w, ref_l = torch.tensor([-2.5, -4.0]), torch.tensor([-1.0, -9.0])
@@ -437,6 +460,20 @@ def test_resume_refuses_a_different_config(tmp_path):
     with pytest.raises(TrainingError, match="lr"):
         train_update(model, CharTokenizer(), toy_pairs(4), dataclass_replace(config, lr=0.5),
                      out_dir=tmp_path / "run", progress=False, resume=True)
+
+
+def test_resume_reads_a_field_added_since_the_checkpoint_as_its_default(tmp_path):
+    model, config = interrupted_after_one_step(tmp_path / "run")
+    state_path = tmp_path / "run" / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["hinge"]  # a checkpoint written before the option existed
+    state_path.write_text(json.dumps(state))
+    train_update(model, CharTokenizer(), toy_pairs(4), config, out_dir=tmp_path / "run", progress=False, resume=True)
+    # Set to anything but its default, the field is a changed config like any other.
+    model, config = interrupted_after_one_step(tmp_path / "other")
+    with pytest.raises(TrainingError, match="hinge"):
+        train_update(model, CharTokenizer(), toy_pairs(4), dataclass_replace(config, hinge="example"),
+                     out_dir=tmp_path / "other", progress=False, resume=True)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

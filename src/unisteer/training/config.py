@@ -22,6 +22,9 @@ TRAIN_POSITIONS = ("after_prefix", "all")
 REPS_LENGTHS = ("completion", "sequence")
 
 
+HINGES = ("batch", "example")
+
+
 @dataclass
 class TrainConfig:
     """Every option of a training run. Fields left None take the form's default (see `resolved`).
@@ -49,6 +52,7 @@ class TrainConfig:
     lambda_n: float = 0.5
     gamma: float = 5.0
     theta: float = 0.4
+    hinge: str = "batch"  # SPLIT's hinge on minibatch means (reference) | per pair, then averaged ("example")
     beta: float = 0.1  # DPO
     reps_scaler: float = 1.0  # RePS: weight = max(scaler·(r_l − r_w), 1)
     reps_length: str = "completion"  # RePS |w|, |l|: completion tokens, or whole sequences (reference code)
@@ -76,6 +80,8 @@ class TrainConfig:
             raise ConfigError(f"train_positions: {self.train_positions!r} is not one of {TRAIN_POSITIONS}")
         if self.rendering is not None and not isinstance(self.rendering, Rendering):
             self.rendering = Rendering.parse(self.rendering)
+        if self.hinge not in HINGES:
+            raise ConfigError(f"hinge: {self.hinge!r} is not one of {HINGES}")
         if self.reps_length not in REPS_LENGTHS:
             raise ConfigError(f"reps_length: {self.reps_length!r} is not one of {REPS_LENGTHS}")
         for name in ("rank", "batch_size", "grad_accum", "epochs", "max_length", "cache_batch_size",

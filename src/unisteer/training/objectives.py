@@ -5,7 +5,7 @@ Every objective takes the scores of a minibatch's winning and losing sequences *
 
 | objective | loss |
 |---|---|
-| `split` | λ_p·L_w + λ_n·L_l + γ·ReLU(θ − (L_l − L_w)), L = token-weighted minibatch mean NLL |
+| `split` | λ_p·L_w + λ_n·L_l + γ·ReLU(θ − (L_l − L_w)), L = token-weighted minibatch mean NLL (`hinge: example`: the hinge per pair on its mean token NLLs, then averaged) |
 | `sft`   | SPLIT with λ_n = γ = 0 (only the winning side's NLL) |
 | `reps`  | −log σ( max(s·(r_l − r_w), 1)/|w| · ℓ_w − ℓ_l/|l| ), mean over examples |
 | `dpo`   | −log σ( β·[(ℓ_w − r_w) − (ℓ_l − r_l)] ), mean over examples |
@@ -83,12 +83,20 @@ def token_mean_nll(scores: CompletionScores) -> torch.Tensor:
 
 
 def split_loss(win: CompletionScores, lose: CompletionScores, *, lambda_p: float, lambda_n: float,
-               gamma: float, theta: float) -> LossTerms:
-    """SPLIT: utility on both sides plus a hinge on the preference margin, on minibatch means."""
+               gamma: float, theta: float, hinge: str = "batch") -> LossTerms:
+    """SPLIT: utility on both sides plus a hinge on the preference margin.
+
+    `hinge="batch"` (the reference) applies it to the minibatch means, so pairs far past θ pay for pairs on
+    the wrong side: on yes/no items a lean toward one answer satisfies it for half of them. `"example"`
+    applies it to each pair's margin (row i of `win` and `lose` are one pair) and averages.
+    """
     win_nll, lose_nll = token_mean_nll(win), token_mean_nll(lose)
-    hinge = F.relu(theta - (lose_nll - win_nll))
-    loss = lambda_p * win_nll + lambda_n * lose_nll + gamma * hinge
-    return LossTerms(loss, win_nll.detach(), lose_nll.detach(), {"hinge": hinge.detach()})
+    if hinge == "example":
+        shortfall = F.relu(theta - (lose.nll_mean - win.nll_mean)).mean()
+    else:
+        shortfall = F.relu(theta - (lose_nll - win_nll))
+    loss = lambda_p * win_nll + lambda_n * lose_nll + gamma * shortfall
+    return LossTerms(loss, win_nll.detach(), lose_nll.detach(), {"hinge": shortfall.detach()})
 
 
 def reps_loss(win: CompletionScores, lose: CompletionScores, ref_win_logp: torch.Tensor,
@@ -115,7 +123,7 @@ def dpo_loss(win: CompletionScores, lose: CompletionScores, ref_win_logp: torch.
 @register_objective("split")
 def _split(inputs: ObjectiveInputs, config: Any) -> LossTerms:
     return split_loss(inputs.win, inputs.lose, lambda_p=config.lambda_p, lambda_n=config.lambda_n,
-                      gamma=config.gamma, theta=config.theta)
+                      gamma=config.gamma, theta=config.theta, hinge=config.hinge)
 
 
 @register_objective("sft")

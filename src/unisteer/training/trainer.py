@@ -255,7 +255,9 @@ class _Trainer:
             raise TrainingError(f"{path / STATE}: config: expected an object of TrainConfig fields, got "
                                 f"{type(saved).__name__}")
         current = json.loads(json.dumps(to_dict(self.config), default=_jsonable))
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
+        # A field added since the checkpoint was written counts as its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k)
                          and k not in ("checkpoint_every",))
         if changed:
             raise TrainingError(f"{path}: the checkpoint was written with a different config ({', '.join(changed)} "
