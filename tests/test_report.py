@@ -181,3 +181,19 @@ def test_run_report_finding_states_the_tradeoff_beside_its_plot(report, tmp_path
     finding = page.split("<h2>Finding</h2>", 1)[1].split("<h2>", 1)[0]
     assert "(F3)" in finding and "utility vs m on test" not in finding.split("<img", 1)[0]
     assert (tmp_path / "plots" / "utility_vs_m_test.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_headline_says_when_a_chosen_multiplier_mostly_gives_one_answer():
+    from unisteer.run_report import headline
+
+    def side(m, accuracy, shares):
+        return {"multiplier": m, "accuracy": accuracy, "ci_low": accuracy - 0.1, "ci_high": accuracy + 0.1,
+                "answer_shares": shares, "change": {"change": accuracy - 0.5, "ci_low": -0.1, "ci_high": 0.1}}
+
+    summary = {"rows": [{"cell": "split", "steers": {"toward": True, "away": False},
+                         "toward": side(8, 0.85, {"No": 0.45, "Yes": 0.55}),
+                         "away": side(-8, 0.58, {"No": 0.03, "Yes": 0.97})}]}
+    line = headline(summary)[0]
+    toward, away = line.split("away from it")
+    assert "mostly a lean toward one answer" not in toward
+    assert "answers 'Yes' to 97% of the items there: mostly a lean toward one answer" in away

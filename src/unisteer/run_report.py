@@ -120,6 +120,19 @@ def _r2_pair(fits: dict[str, Any], prefix: str) -> str:
     return text + (" (noise)" if fits.get(f"{prefix}_determined") is False else "")
 
 
+# At or above this share of one answer, a chosen multiplier mostly shifts the answer lean: say so beside its score.
+ONE_ANSWER_SHARE = 0.9
+
+
+def _one_answer_text(side: dict[str, Any]) -> str:
+    shares = side.get("answer_shares") or {}
+    answer, share = max(shares.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    if answer is None or share < ONE_ANSWER_SHARE:
+        return ""
+    return (f" (the model answers {answer!r} to {share:.0%} of the items there: mostly a lean toward one answer, "
+            "whose accuracy is the share of items that answer matches)")
+
+
 def headline(summary: dict[str, Any]) -> list[str]:
     """The finding in sentences, one per cell, from the summary's numbers and their intervals."""
     lines = []
@@ -148,7 +161,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
             utility = chosen.get("utility")
             cost = f", utility {_utility_text(utility)}" if utility else ""
             parts.append(f"{verdict} {word}: at m = {chosen['multiplier']:g} test accuracy {_accuracy_text(chosen)}"
-                         f"{delta}{cost}")
+                         f"{_one_answer_text(chosen)}{delta}{cost}")
         lines.append(f"<b>{row['cell']}</b>: " + "; ".join(parts) + ".")
     matched = summary.get("matched_utility")
     if matched and len(matched.get("cells", {})) > 1:
