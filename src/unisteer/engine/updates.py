@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -30,8 +30,26 @@ from .architecture import check_layer_index, model_structure
 from .devices import module_device
 
 INSERTIONS = ("block_output", "down_proj")
-# Reference rows of SPEC §5 per data family: pairs, batch, accumulation, epochs, lr, λ_p, λ_n, γ, θ.
-PRESET_KEYS = ("pairs", "batch_size", "grad_accum", "epochs", "lr", "lambda_p", "lambda_n", "gamma", "theta")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresetRow:
+    """One reference row of SPEC §5 for a form and data family; every field is the `TrainConfig` field of
+    that name (pairs, batch, accumulation, epochs, lr, λ_p, λ_n, γ, θ)."""
+
+    pairs: str
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    lr: float
+    lambda_p: float
+    lambda_n: float
+    gamma: float
+    theta: float
+
+    def train_fields(self) -> dict[str, Any]:
+        """The row as `TrainConfig` fields."""
+        return asdict(self)
 
 
 log = logging.getLogger(__name__)
@@ -151,7 +169,7 @@ class Update(nn.Module, abc.ABC):
     default_grid: tuple[float, ...] = ()
     train_factors: tuple[float, ...] = ()
     learning_rate: float = 0.0
-    presets: dict[str, tuple[Any, ...]] = {}  # data family -> values of PRESET_KEYS
+    presets: dict[str, PresetRow] = {}  # reference row name (psychopathy, ...) -> its SPEC §5 values
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -204,9 +222,14 @@ class VectorUpdate(Update):
     default_grid = tuple(float(2 * k) for k in range(-10, 11))
     train_factors = tuple(float(2 * i) for i in range(1, 11))
     learning_rate = 0.08
-    presets = {"psychopathy": ("add+sub", 4, 1, 2, 0.08, 1.0, 0.5, 4.0, 0.3),
-               "power-seeking": ("add", 4, 1, 2, 0.08, 1.0, 0.5, 5.0, 0.5),
-               "axbench": ("add", 2, 1, 18, 0.08, 1.0, 0.6, 4.0, 0.5)}
+    presets = {
+        "psychopathy": PresetRow(pairs="add+sub", batch_size=4, grad_accum=1, epochs=2, lr=0.08,
+                                 lambda_p=1.0, lambda_n=0.5, gamma=4.0, theta=0.3),
+        "power-seeking": PresetRow(pairs="add", batch_size=4, grad_accum=1, epochs=2, lr=0.08,
+                                   lambda_p=1.0, lambda_n=0.5, gamma=5.0, theta=0.5),
+        "axbench": PresetRow(pairs="add", batch_size=2, grad_accum=1, epochs=18, lr=0.08,
+                             lambda_p=1.0, lambda_n=0.6, gamma=4.0, theta=0.5),
+    }
 
     def __init__(self, spec: UpdateSpec):
         super().__init__(spec)
@@ -229,9 +252,14 @@ class LoRAUpdate(Update):
     default_grid = tuple(0.25 * k for k in range(-10, 11))
     train_factors = tuple(round(0.2 * i, 1) for i in range(1, 11))
     learning_rate = 0.01
-    presets = {"psychopathy": ("add+sub", 4, 2, 1, 0.01, 1.0, 0.5, 5.0, 0.4),
-               "power-seeking": ("add", 2, 2, 2, 0.01, 1.0, 0.5, 4.0, 0.4),
-               "axbench": ("add", 2, 2, 12, 0.04, 1.0, 0.5, 5.0, 0.45)}
+    presets = {
+        "psychopathy": PresetRow(pairs="add+sub", batch_size=4, grad_accum=2, epochs=1, lr=0.01,
+                                 lambda_p=1.0, lambda_n=0.5, gamma=5.0, theta=0.4),
+        "power-seeking": PresetRow(pairs="add", batch_size=2, grad_accum=2, epochs=2, lr=0.01,
+                                   lambda_p=1.0, lambda_n=0.5, gamma=4.0, theta=0.4),
+        "axbench": PresetRow(pairs="add", batch_size=2, grad_accum=2, epochs=12, lr=0.04,
+                             lambda_p=1.0, lambda_n=0.5, gamma=5.0, theta=0.45),
+    }
 
     def __init__(self, spec: UpdateSpec):
         super().__init__(spec)
@@ -254,9 +282,14 @@ class LocalWeightUpdate(Update):
     default_grid = LoRAUpdate.default_grid
     train_factors = LoRAUpdate.train_factors
     learning_rate = 0.01
-    presets = {"psychopathy": ("add", 4, 2, 1, 0.01, 1.0, 0.5, 5.0, 0.4),
-               "power-seeking": ("add", 2, 2, 2, 0.01, 1.0, 0.5, 4.0, 0.4),
-               "axbench": ("add", 2, 2, 12, 0.04, 1.0, 0.3, 3.5, 0.6)}
+    presets = {
+        "psychopathy": PresetRow(pairs="add", batch_size=4, grad_accum=2, epochs=1, lr=0.01,
+                                 lambda_p=1.0, lambda_n=0.5, gamma=5.0, theta=0.4),
+        "power-seeking": PresetRow(pairs="add", batch_size=2, grad_accum=2, epochs=2, lr=0.01,
+                                   lambda_p=1.0, lambda_n=0.5, gamma=4.0, theta=0.4),
+        "axbench": PresetRow(pairs="add", batch_size=2, grad_accum=2, epochs=12, lr=0.04,
+                             lambda_p=1.0, lambda_n=0.3, gamma=3.5, theta=0.6),
+    }
 
     def __init__(self, spec: UpdateSpec):
         super().__init__(spec)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import from_dict
-from ..engine.updates import FORMS, PRESET_KEYS, form_class
+from ..engine.updates import FORMS, PresetRow, form_class
 from ..errors import ConfigError
 from .config import TrainConfig
 from .objectives import OBJECTIVES
@@ -39,20 +39,20 @@ from .objectives import OBJECTIVES
 PRESET_DATA = ("psychopathy", "power-seeking", "axbench")
 
 
-def reference_row(data: str, form: str) -> dict[str, Any]:
-    """The SPEC §5 row for `data` and `form` as TrainConfig fields."""
+def reference_row(data: str, form: str) -> PresetRow:
+    """The SPEC §5 row for `data` (a reference row name: psychopathy, power-seeking, axbench) and `form`."""
     if data not in PRESET_DATA:
         raise ConfigError(f"preset data: {data!r} is not one of {PRESET_DATA}")
     if form not in FORMS:
         raise ConfigError(f"preset form: {form!r} is not one of {FORMS}")
-    return dict(zip(PRESET_KEYS, form_class(form).presets[data], strict=True))
+    return form_class(form).presets[data]
 
 
 def preset(objective: str, form: str, *, data: str = "psychopathy", **overrides: Any) -> TrainConfig:
     """A complete `TrainConfig` for `objective` × `form` from the reference row of `data`, then `overrides`."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"preset objective: {objective!r} is not one of {tuple(OBJECTIVES)}")
-    values: dict[str, Any] = {"objective": objective, "form": form, **reference_row(data, form)}
+    values: dict[str, Any] = {"objective": objective, "form": form, **reference_row(data, form).train_fields()}
     if objective == "sft":
         values.update(lambda_n=0.0, gamma=0.0, pairs="add+sub")
     elif objective == "dpo":
