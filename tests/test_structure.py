@@ -175,3 +175,55 @@ def test_kv_cache_methods_are_called_only_in_hf_compat():
                  if path.name != "hf_compat.py"]
     assert not offenders, "KV-cache calls outside engine/hf_compat.py: " + ", ".join(offenders)
 
+
+
+def _enclosing_functions(tree: ast.AST) -> dict[ast.AST, str]:
+    """Each node of `tree` → the name of the innermost function around it ("" at module level)."""
+    owner: dict[ast.AST, str] = {}
+
+    def visit(node: ast.AST, function: str) -> None:
+        owner[node] = function
+        inner = node.name if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) else function
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner)
+
+    visit(tree, "")
+    return owner
+
+
+def _string_constants(node: ast.AST) -> list[str]:
+    items = node.elts if isinstance(node, ast.Tuple | ast.List | ast.Set) else [node]
+    return [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+
+
+def test_dataset_family_names_are_compared_only_in_the_registry():
+    """Which family a dataset is of was decided in three places (load_builtin's if-chain, list_builtins, and
+    workflow.preset_family, which silently gave anything unknown the power-seeking row); the registry in
+    data/builtin.py (`FAMILIES`) is now the one home. No other module compares a name with a family name or
+    alias (==, in, startswith), except the places below, each for its own reason."""
+    from unisteer.data.builtin import FAMILIES
+
+    names = {name for family in FAMILIES.values() for name in (family.name, *family.aliases)}
+    allowed = {
+        ("workflow.py", "load_data"): "axbench pairs need the model's own answers, which the data layer never makes",
+        ("judged.py", "resolve_rubric"): "the judge's `auto` rubric, a rubric choice and not a training row",
+        ("evaluation/judging.py", "judge_generations"): "'axbench' there names the AxBench rubric",
+    }
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        where = str(path.relative_to(PACKAGE))
+        if where == "data/builtin.py":
+            continue
+        tree = ast.parse(path.read_text())
+        owner = _enclosing_functions(tree)
+        for node in ast.walk(tree):
+            strings = []
+            if isinstance(node, ast.Compare):
+                strings = [s for operand in (node.left, *node.comparators) for s in _string_constants(operand)]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("startswith", "endswith", "removeprefix"):
+                strings = [s for argument in node.args for s in _string_constants(argument)]
+            found = sorted({s for s in strings if s.strip("/") in names})
+            if found and (where, owner[node]) not in allowed:
+                offenders.append(f"{where}:{node.lineno} {owner[node]}() compares with {found}")
+    assert not offenders, "dataset family names outside data/builtin.py's FAMILIES: " + "; ".join(offenders)

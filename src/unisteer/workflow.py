@@ -29,6 +29,7 @@ from .data.builtin import (
     axbench_pairs,
     load_axbench_concept,
     load_builtin,
+    preset_family,
     split_spec,
 )
 from .data.pairs import PairDataset, PolarityPair, SplitConfig
@@ -272,17 +273,6 @@ def _all_choice(dataset: PairDataset) -> bool:
         answer_meta(p.prompt, p.positive, p.negative)["format"] in ("yes_no", "ab") for p in dataset)
 
 
-def preset_family(dataset_name: str) -> str:
-    """Which reference row of SPEC §5 a dataset trains with (persona traits like psychopathy, A/B and
-    open-ended behaviour sets like power-seeking, concepts like AxBench)."""
-    family = dataset_name.split("/", 1)[0]
-    if family == "persona":
-        return "psychopathy"
-    if family in ("axbench", "sentiment"):
-        return "axbench"
-    return "power-seeking"
-
-
 # ---------------------------------------------------------------------------------------------- layer
 
 
@@ -394,7 +384,7 @@ def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective
         out.mkdir(parents=True, exist_ok=True)
         save_update(update, update_path, overwrite=overwrite)
     else:
-        config = preset(objective, form, data=preset_family(data.name),
+        config = preset(objective, form, data=preset_family(data),
                         **{**dict(overrides or {}), "layer": layer, "seed": seed, "rendering": rendering})
         # The encoder follows the config, so `--set max_length=N` reaches the sequences trained on.
         encoder = PairEncoder(tokenizer, rendering, max_length=config.max_length)

@@ -11,16 +11,21 @@
 
 The data directory is `data_dir=`, else `UNISTEER_DATA`, else `../shared/data` relative to the current
 directory or to the package's repository root.
+
+Each family is one `DatasetFamily` in `FAMILIES` (`register_family`): its loader, its lister, and the SPEC §5
+reference row it trains with (`preset_family`). A new family is one loader function and one registration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from .pairs import DatasetSplits, DataWarning, PairDataset, PolarityPair, SourceRecord, SplitConfig, part_size
 from .readers import (
+    answer_meta,
     csv_rows,
     json_rows,
     jsonl_rows,
@@ -49,6 +55,8 @@ SENTIMENT_INSTRUCTION = "Write a sentence."
 SENTIMENT_CONTINUE = "Continue this text: {text}"
 SENTIMENT_HELD_OUT = {"test": 100, "dev": 50}
 _AAR_GENERATORS = {"human": "human_generated_evals", "lm": "lm_generated_evals"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class BuiltinData:
     description: str = ""
     files: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. generation settings and cache file (axbench)
+    family: str = ""  # the registered family (`FAMILIES`) of a built-in; "" for a user's own pairs
 
     @property
     def warnings(self) -> list[DataWarning]:
@@ -115,23 +124,72 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path:
     raise DataError(f"no data directory found (tried {tried}); set UNISTEER_DATA or pass data_dir=")
 
 
+SplitArg = SplitConfig | Mapping[str, Any] | None
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class DatasetFamily:
+    """A family of built-in datasets, registered once in `FAMILIES` (`register_family`).
+
+    name: the family; its datasets are named `name/<member>` (`usage` says what a member is, e.g.
+      "persona/<trait>"), or `name` alone when `usage` is just the name (sentiment).
+    loader: `loader(member, *, root, split) -> BuiltinData` (member "" for a family without members).
+    lister: `lister(root)` -> every name of the family available in the data directory `root`.
+    preset_row: the SPEC §5 reference row it trains with (`unisteer.training.presets.PRESET_DATA`).
+    aliases: bare names that stand for `name/<alias>` (BiPO's `power-seeking`).
+    """
+
+    name: str
+    loader: Callable[..., BuiltinData]
+    lister: Callable[[Path], list[str]]
+    preset_row: str
+    description: str
+    usage: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def has_members(self) -> bool:
+        return self.usage != self.name
+
+
+FAMILIES: dict[str, DatasetFamily] = {}  # in listing order; filled by `register_family` below the loaders
+
+
+def register_family(family: DatasetFamily) -> DatasetFamily:
+    """Add a dataset family; names and aliases must be new."""
+    taken = {name for f in FAMILIES.values() for name in (f.name, *f.aliases)}
+    clash = sorted({family.name, *family.aliases} & taken)
+    if clash:
+        raise ConfigError(f"dataset family {family.name!r}: {clash} already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(name: str) -> tuple[DatasetFamily, str] | None:
+    """The registered family a built-in name belongs to and its member ("" for a family without members);
+    None when no family claims the name."""
+    head, slash, member = name.partition("/")
+    family = FAMILIES.get(head)
+    if family is not None and (bool(member) if family.has_members else not slash):
+        return family, member
+    for family in FAMILIES.values():
+        if name in family.aliases:
+            return family, name
+    return None
+
+
+def _usage() -> str:
+    forms = [form for family in FAMILIES.values() for form in (*family.aliases, family.usage)]
+    return ", ".join(forms[:-1]) + f" or {forms[-1]}" if len(forms) > 1 else "".join(forms)
+
+
 def list_builtins(data_dir: str | Path | None = None) -> list[str]:
     """Every built-in name available in the data directory."""
     root = find_data_dir(data_dir)
-    names = [f"persona/{p.stem}" for p in sorted((root / "anthropic-evals" / "persona").glob("*.jsonl"))]
-    names += [n for n in BIPO_SETS if (root / "bipo" / n / "train.csv").is_file()]
-    names += [f"bipo/{p.parent.name}" for p in sorted((root / "bipo").glob("*/train.csv"))]
-    names += [f"caa/{b}" for b in CAA_BEHAVIOURS if (root / "caa" / "generate" / b).is_dir()]
-    names += [f"advanced-ai-risk/{s}" for s in _aar_sets(root)]
-    axbench = root / "axbench-concept10" / DEFAULT_AXBENCH_SETTING / "generate" / "metadata.jsonl"
-    if axbench.is_file():
-        names += [f"axbench/{row['concept_id']}" for _, row in jsonl_rows(axbench)]
-    if (root / "sentiment-prompts").is_dir():
-        names.append("sentiment")
-    return names
-
-
-SplitArg = SplitConfig | Mapping[str, Any] | None
+    return [name for family in FAMILIES.values() for name in family.lister(root)]
 
 
 def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitArg = None) -> BuiltinData:
@@ -144,25 +202,48 @@ def load_builtin(name: str, *, data_dir: str | Path | None = None, split: SplitA
     `axbench/...` pairs need the steered model's own answers: `unisteer.workflow.load_data` builds them.
     """
     root = find_data_dir(data_dir)
-    spec = split
-    family, _, rest = name.partition("/")
-    if family == "persona" and rest:
-        return load_persona(rest, root=root, split=spec)
-    if name in BIPO_SETS or (family == "bipo" and rest):
-        return load_bipo(rest or name, root=root, split=spec)
-    if family == "caa" and rest:
-        return load_caa(rest, root=root, split=spec)
-    if family == "advanced-ai-risk" and rest:
-        return load_advanced_ai_risk(rest, root=root, split=spec)
-    if family == "axbench" and rest:
-        raise DataError(f"{name}: the negative side is the steered model's own answer, which the data layer does "
-                        "not generate; use unisteer.workflow.load_data (or axbench_concept_name + "
-                        "load_axbench_concept + generation.generate_unsteered + axbench_pairs)")
-    if name == "sentiment":
-        return load_sentiment(root=root, split=spec)
-    raise DataError(f"unknown built-in dataset {name!r}; expected persona/<trait>, {', '.join(BIPO_SETS)}, "
-                    "bipo/<name>, caa/<behaviour>, advanced-ai-risk/<set>, axbench/<concept id> or sentiment "
-                    "(list_builtins() lists them all)")
+    found = family_of(name)
+    if found is None:
+        raise DataError(f"unknown built-in dataset {name!r}; expected {_usage()} (list_builtins() lists them all)")
+    family, member = found
+    return dataclasses.replace(family.loader(member, root=root, split=split), family=family.name)
+
+
+def preset_family(data: BuiltinData | str) -> str:
+    """The SPEC §5 reference row (`training.presets.PRESET_DATA`) a dataset trains with.
+
+    A built-in (a `BuiltinData` of a registered family, or its name) trains with its family's row. A user's
+    own pairs (a file, or pairs in memory) train with the row of the data they resemble: yes/no answers take
+    the persona traits' row (psychopathy), A/B or open-ended answers the power-seeking row; the choice and
+    its reason are logged. Anything else raises `ConfigError` naming the registered families.
+    """
+    known = ", ".join(FAMILIES)
+    if isinstance(data, str):
+        found = family_of(data)
+        if found is None:
+            raise ConfigError(f"dataset {data!r}: no reference row, it is of no registered family ({known})")
+        return found[0].preset_row
+    if data.family:
+        if data.family not in FAMILIES:
+            raise ConfigError(f"dataset {data.name!r}: family {data.family!r} is not registered ({known})")
+        return FAMILIES[data.family].preset_row
+    own_file = bool(data.files) and data.name == data.files[0]
+    found = None if own_file else family_of(data.name)
+    if found is not None:
+        return found[0].preset_row
+    if not own_file and data.files:
+        raise ConfigError(f"dataset {data.name!r} (files {list(data.files)}): no reference row, it is neither "
+                          f"a user's own pairs nor of a registered family ({known})")
+    pairs = [*data.splits.train, *data.splits.dev, *data.splits.test]
+    yes_no = sum(answer_meta(p.prompt, p.positive, p.negative)["format"] == "yes_no" for p in pairs)
+    what = f"the pairs of {data.name}" if own_file else f"the pairs in memory ({data.name})"
+    if pairs and yes_no == len(pairs):
+        log.info("training preset: %s answer yes/no (%d of %d pairs), so they train with the psychopathy "
+                 "reference row (SPEC §5, the persona traits' row)", what, yes_no, len(pairs))
+        return "psychopathy"
+    log.info("training preset: %s are A/B or open-ended (%d of %d pairs answer yes/no), so they train with "
+             "the power-seeking reference row (SPEC §5)", what, yes_no, len(pairs))
+    return "power-seeking"
 
 
 def split_spec(default: SplitConfig, given: SplitArg) -> SplitConfig:
@@ -480,4 +561,59 @@ def axbench_pairs(concept: AxBenchConcept, answers: Sequence[Any], *, split: Spl
     splits = dataset.split(split_spec(SplitConfig(), split))
     return BuiltinData(name, splits, open_prompts=dict(concept.held_out), files=concept.files,
                        description=f"AxBench concept {concept.concept_id}: {concept.concept}",
-                       extra={"concept": concept.concept, **dict(extra or {})})
+                       extra={"concept": concept.concept, **dict(extra or {})}, family=AXBENCH.name)
+
+
+def load_axbench(concept: str, *, root: Path, split: SplitArg = None) -> BuiltinData:
+    """AxBench's negative side is the steered model's own answer: built by `unisteer.workflow.load_data`."""
+    raise DataError(f"axbench/{concept}: the negative side is the steered model's own answer, which the data layer "
+                    "does not generate; use unisteer.workflow.load_data (or axbench_concept_name + "
+                    "load_axbench_concept + generation.generate_unsteered + axbench_pairs)")
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+def _list_persona(root: Path) -> list[str]:
+    return [f"persona/{p.stem}" for p in sorted((root / "anthropic-evals" / "persona").glob("*.jsonl"))]
+
+
+def _list_bipo(root: Path) -> list[str]:
+    names = [n for n in BIPO_SETS if (root / "bipo" / n / "train.csv").is_file()]
+    return names + [f"bipo/{p.parent.name}" for p in sorted((root / "bipo").glob("*/train.csv"))]
+
+
+def _list_caa(root: Path) -> list[str]:
+    return [f"caa/{b}" for b in CAA_BEHAVIOURS if (root / "caa" / "generate" / b).is_dir()]
+
+
+def _list_advanced_ai_risk(root: Path) -> list[str]:
+    return [f"advanced-ai-risk/{s}" for s in _aar_sets(root)]
+
+
+def _list_axbench(root: Path) -> list[str]:
+    metadata = root / "axbench-concept10" / DEFAULT_AXBENCH_SETTING / "generate" / "metadata.jsonl"
+    return [f"axbench/{row['concept_id']}" for _, row in jsonl_rows(metadata)] if metadata.is_file() else []
+
+
+def _list_sentiment(root: Path) -> list[str]:
+    return ["sentiment"] if (root / "sentiment-prompts").is_dir() else []
+
+
+# ---------------------------------------------------------------------------------------------- registrations
+# In listing order (`list_builtins`, the unknown-name message). `preset_row` is the SPEC §5 row it trains with.
+
+register_family(DatasetFamily("persona", load_persona, _list_persona, "psychopathy",
+                              "Anthropic persona traits: yes/no statements", "persona/<trait>"))
+register_family(DatasetFamily("bipo", load_bipo, _list_bipo, "power-seeking",
+                              "BiPO open-ended pairs with an A/B choice test", "bipo/<name>", aliases=BIPO_SETS))
+register_family(DatasetFamily("caa", load_caa, _list_caa, "power-seeking",
+                              "CAA behaviours: A/B pairs, open-ended test questions", "caa/<behaviour>"))
+register_family(DatasetFamily("advanced-ai-risk", load_advanced_ai_risk, _list_advanced_ai_risk, "power-seeking",
+                              "Anthropic advanced-AI-risk A/B questions", "advanced-ai-risk/<set>"))
+AXBENCH = register_family(DatasetFamily("axbench", load_axbench, _list_axbench, "axbench",
+                                        "AxBench Concept10 concepts against the model's own answers",
+                                        "axbench/<concept id>"))
+register_family(DatasetFamily(
+    "sentiment", lambda _member, *, root, split=None: load_sentiment(root=root, split=split), _list_sentiment,
+    "axbench", "positive vs negative sentiment sentences", "sentiment"))
