@@ -24,11 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tiny_models import VOCAB, tiny_model
+from tiny_models import LAYERS, VOCAB, tiny_model
+from unisteer.data.rendering import PairEncoder
 from unisteer.engine.steering import Steering
 from unisteer.engine.storage import save_update
 from unisteer.engine.updates import create_update
 from unisteer.errors import UnisteerError
+from unisteer.generation.generate import generate_steered
 from unisteer.generation.sampling import SamplingConfig, next_tokens
 from unisteer.serving.app import (
     BackgroundServer,
@@ -405,6 +407,40 @@ def test_stop_strings_end_the_text_and_never_stream(tiny):
     assert "".join(c.choices[0].text for c in stream) == expected
     longer = tiny.client.completions.create(model=TINY, prompt="abc", max_tokens=3, temperature=0)
     assert longer.choices[0].finish_reason == "length" and longer.usage.completion_tokens == 3
+
+
+def test_chat_rows_stop_at_the_end_of_turn_token_as_generate_does(tmp_path):
+    """The server once stopped chat rows at eos only while `generate` also stopped at the template's
+    end-of-turn token; both now follow `stop_token_ids` with the rendering's turn end. Raw text
+    (/v1/completions, no template) stops at eos only."""
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # Generated positions pushed towards '<|im_end|>': the plain model picks the first answer token, then the
+    # turn ends.
+    end = create_update(model, "vector", LAYERS - 1, positions="generated", seed=0)
+    with torch.no_grad():
+        end.vector.copy_(model.lm_head.weight[im_end] * 50)
+    save_update(end.eval(), tmp_path / "end")
+    served, stack = start_tiny(tmp_path)
+    with stack:
+        expected = generate_steered(served.model, served.tokenizer, ["Hello there"], served.updates["end"], [1.0],
+                                    {"temperature": 0, "max_new_tokens": MAX_TOKENS},
+                                    encoder=PairEncoder(served.tokenizer), progress=False)[0]
+        assert expected.finished and 0 < expected.n_new_tokens < MAX_TOKENS
+        reply = served.client.chat.completions.create(model=f"{TINY}+end@1", messages=user("Hello there"),
+                                                      max_tokens=MAX_TOKENS, temperature=0)
+        assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (expected.text, "stop")
+        assert reply.usage.completion_tokens == expected.n_new_tokens + 1  # the server counts the stop token
+        streamed = served.client.chat.completions.create(model=f"{TINY}+end@1", messages=user("Hello there"),
+                                                         max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        chunks = list(streamed)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        # The same tokens sent as raw text: eos alone stops it, so '<|im_end|>' does not end the row.
+        rendered = tokenizer.apply_chat_template(user("Hello there"), add_generation_prompt=True, tokenize=False)
+        raw = served.client.completions.create(model=f"{TINY}+end@1", prompt=rendered, max_tokens=MAX_TOKENS,
+                                               temperature=0)
+        assert raw.choices[0].finish_reason == "length" and raw.usage.completion_tokens == MAX_TOKENS
 
 
 def test_seeded_sampling_is_reproducible_and_n_gives_choices(tiny):

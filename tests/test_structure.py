@@ -227,3 +227,32 @@ def test_dataset_family_names_are_compared_only_in_the_registry():
             if found and (where, owner[node]) not in allowed:
                 offenders.append(f"{where}:{node.lineno} {owner[node]}() compares with {found}")
     assert not offenders, "dataset family names outside data/builtin.py's FAMILIES: " + "; ".join(offenders)
+
+
+def test_stop_token_ids_is_the_one_stop_rule():
+    """Which tokens end an answer was once decided twice: `generate` stopped at eos and the template's
+    end-of-turn token, the server at eos only. generation/sampling.stop_token_ids is the rule; outside it an
+    eos id is read only to pick a padding id (padding is masked, so any id serves)."""
+    allowed = {
+        ("data/rendering.py", "pad_token_id"): "PairEncoder's padding id",
+        ("serving/batching.py", "_pad_token_id"): "the server's padding id",
+    }
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        where = str(path.relative_to(PACKAGE))
+        if where == "generation/sampling.py":
+            continue
+        tree = ast.parse(path.read_text())
+        owner = _enclosing_functions(tree)
+        for node in ast.walk(tree):
+            reads = (isinstance(node, ast.Attribute) and node.attr == "eos_token_id"
+                     and isinstance(node.ctx, ast.Load))
+            reads |= isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                and "eos_token_id" in [s for argument in node.args for s in _string_constants(argument)]
+            if reads and (where, owner[node]) not in allowed:
+                offenders.append(f"{where}:{node.lineno} {owner[node]}()")
+    assert not offenders, "eos ids read outside generation/sampling.stop_token_ids: " + ", ".join(offenders)
+    # Every caller says which turn end its text was rendered with ("" for raw text), never leaving it out.
+    without = [f"{path.relative_to(PACKAGE)}:{node.lineno}" for path, node in _calls("stop_token_ids")
+               if len(node.args) < 2 and not any(k.arg == "turn_end" for k in node.keywords)]
+    assert not without, "stop_token_ids called without the rendering's turn end: " + ", ".join(without)

@@ -421,7 +421,7 @@ class _Submission:
         sink = _thread_safe_sink(asyncio.get_running_loop(), self.events)
         multipliers = parsed.multipliers
         self.rows = [RowJob(prompt_ids=prompt, sampling=parsed.sampling, multipliers=multipliers, sink=sink,
-                            index=p * parsed.n + j, sample=j, seeded=parsed.seeded)
+                            index=p * parsed.n + j, sample=j, seeded=parsed.seeded, turn_end=parsed.turn_end)
                      for p, prompt in enumerate(parsed.prompts) for j in range(parsed.n)]
         self.prompt_tokens = received.prompt_tokens = sum(len(p) for p in parsed.prompts)
 

@@ -8,8 +8,9 @@ Every choice of every request is one *row*. The worker takes up to `max_batch_si
   bit for bit), so a plain row and a steered row can share a forward pass without leaking into each other.
 - Rows may ask for different sampling settings: temperature, top-p and seed are applied per row, so every
   row is compatible with every other and one batch serves them all.
-- A row leaves the batch as soon as it stops (end of sequence, stop string, max_tokens, client gone); the
-  cache, masks, multipliers and prompt lengths are narrowed to the rows still running.
+- A row leaves the batch as soon as it stops (eos, or for a chat row the template's end-of-turn token, as
+  `generate` stops; a stop string, max_tokens, client gone); the cache, masks, multipliers and prompt lengths
+  are narrowed to the rows still running.
 
 Text is streamed to each request through a callback (`RowJob.sink`) that the HTTP layer makes thread-safe.
 """
@@ -66,7 +67,9 @@ class RowJob:
     """One sequence to generate: a prompt, how to sample, which updates at which multipliers.
 
     `sample` is the row's index among the choices of its prompt (its sampling seed depends on it);
-    `seeded` is False when the request sent no seed (the row then draws a fresh one).
+    `seeded` is False when the request sent no seed (the row then draws a fresh one). `turn_end` is the chat
+    template's end-of-turn text for a prompt rendered with it ("" for raw text): with eos it decides which
+    tokens stop the row (`generation.sampling.stop_token_ids`, the rule `generate` follows).
     """
 
     prompt_ids: list[int]
@@ -76,6 +79,7 @@ class RowJob:
     index: int = 0
     sample: int = 0
     seeded: bool = True
+    turn_end: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -275,12 +279,19 @@ class BatchGenerator:
         self.stats = GeneratorStats()
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.device = input_device(model)
-        self.eos_ids = frozenset(stop_token_ids(tokenizer, model=model))
+        self._stop_ids: dict[str, frozenset[int]] = {}  # a row's turn end -> the ids that stop it
         self.pad_id = _pad_token_id(model, tokenizer)
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._stop_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self.failure: str | None = None  # set when the worker died; the server then reports unhealthy
+
+    def stop_ids(self, turn_end: str) -> frozenset[int]:
+        """The token ids that end a row: eos, plus the end-of-turn token of a chat row (`stop_token_ids`)."""
+        if turn_end not in self._stop_ids:
+            with self.tokenizer_lock:
+                self._stop_ids[turn_end] = frozenset(stop_token_ids(self.tokenizer, turn_end, self.model))
+        return self._stop_ids[turn_end]
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -346,8 +357,9 @@ class BatchGenerator:
 
 
 class _RowState:
-    def __init__(self, job: RowJob, tokenizer, device: torch.device):
+    def __init__(self, job: RowJob, tokenizer, device: torch.device, stop_ids: frozenset[int]):
         self.job = job
+        self.stop_ids = stop_ids
         self.text = StreamingText(tokenizer, job.prompt_ids, job.sampling.stop)
         self.generator = row_generator(job.sampling, job.prompt_ids, job.sample, device, seeded=job.seeded)
         self.prompt_length = len(job.prompt_ids)
@@ -416,7 +428,8 @@ class _BatchRun:
 
     # -- steps ---------------------------------------------------------------------------------------------
     def _prefill(self, rows: list[RowJob]) -> _Live:
-        states = [_RowState(row, self.owner.tokenizer, self.owner.device) for row in rows]
+        states = [_RowState(row, self.owner.tokenizer, self.owner.device, self.owner.stop_ids(row.turn_end))
+                  for row in rows]
         self.states += states
         input_ids, mask = _left_padded([s.job.prompt_ids for s in states], self.owner.pad_id, self.owner.device)
         self._resteer(states)
@@ -503,7 +516,7 @@ class _BatchRun:
                     continue
                 state.generated += 1
                 produced += 1
-                if token in self.owner.eos_ids:
+                if token in state.stop_ids:
                     state.finish("stop")
                     continue
                 delta = state.text.add(token)

@@ -12,6 +12,7 @@ Steering is chosen per request in either (or both) of two ways:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import threading
@@ -23,8 +24,11 @@ from typing import Any
 
 import jinja2
 
-from ..errors import UnisteerError
+from ..data.rendering import PairEncoder
+from ..errors import ConfigError, UnisteerError
 from ..generation.sampling import SamplingConfig
+
+_log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -108,6 +112,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     seeded: bool = False  # the request sent a seed
+    turn_end: str = ""  # what ends an assistant turn of the chat template (chat requests); stops the rows
 
     @property
     def multipliers(self) -> dict[str, float]:
@@ -115,12 +120,21 @@ class ParsedRequest:
 
 
 class PromptRenderer:
-    """Turns chat messages or completion prompts into token ids, under the lock shared with the worker."""
+    """Turns chat messages or completion prompts into token ids, under the lock shared with the worker.
+
+    `turn_end` is what the chat template writes after an assistant turn (the tokenizer's eos text without a
+    template), derived as `generate` derives it (`PairEncoder.turn_end`): chat rows stop at it as well as eos.
+    """
 
     def __init__(self, tokenizer, lock: threading.Lock):
         self.tokenizer = tokenizer
         self.lock = lock
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        try:
+            self.turn_end = PairEncoder(tokenizer).turn_end
+        except ConfigError as exc:  # a template that refuses the probe conversation: chat stops at eos only
+            _log.warning("no end-of-turn token for chat requests (they stop at eos only): %s", exc)
+            self.turn_end = ""
 
     def chat(self, messages: list[dict[str, str]]) -> list[int]:
         with self.lock:
@@ -206,7 +220,8 @@ def parse_request(kind: str, body: dict[str, Any], *, base_model: str, update_na
         raise ApiError(400, f"'stream' must be true or false, got {_json_type(stream)}", param="stream")
     include_usage = _include_usage(body.get("stream_options"), stream)
     return ParsedRequest(kind=kind, model=model, prompts=prompts, sampling=sampling, n=n, steering=steering,
-                         stream=stream, include_usage=include_usage, seeded=seeded)
+                         stream=stream, include_usage=include_usage, seeded=seeded,
+                         turn_end=renderer.turn_end if kind == "chat" else "")
 
 
 def parse_model_name(model: str, base_model: str, update_names: Sequence[str],
