@@ -1,8 +1,9 @@
 """The steps every entry point shares (the CLI subcommands and `unisteer run` call these, never their own copy).
 
 - `load_data`: a built-in or a file of pairs, with the one seeded split every command uses.
-- `resolve_layer`, `resolve_rendering`: the measured defaults (layer per model, rendering per dataset).
-- `train_cell`: train or compute one update, recording its training pairs, split and rendering.
+- `resolve_layer`, `resolve_rendering`: the measured defaults (layer per model, rendering per dataset);
+  `resolve_recipe`: a `Recipe` fixed against the loaded model and data with them.
+- `train_cell`: train or compute one update, recording its training pairs, split, rendering and recipe.
 - `check_held_out`: refuse to evaluate an update on pairs it was trained on.
 - `choose_rendering`: measure which rendering lets the plain model's own fluency show on a dataset.
 """
@@ -42,7 +43,7 @@ from .errors import ConfigError, DataError
 from .evaluation.choices import AccuracyByM, calibrated_accuracy, change_from_zero, choice_accuracy
 from .evaluation.selection import SteeringSelection, select_steering
 from .files import read_json, write_json
-from .training.config import TrainConfig
+from .recipe import DEFAULT_MAX_LENGTH, DEFAULT_SEED, Recipe, agreed
 
 log = logging.getLogger(__name__)
 
@@ -299,13 +300,14 @@ def resolve_layer(model: nn.Module, layer: int | str | None) -> int:
 
 
 def resolve_rendering(model: nn.Module, tokenizer: Any, rendering: Rendering | str | Mapping[str, Any] | None,
-                      train: PairDataset) -> tuple[Rendering, dict[str, Any]]:
-    """`auto` (or None): measured on the training pairs by `choose_rendering`; a name or mapping: as given.
+                      train: PairDataset, *, max_length: int = 512) -> tuple[Rendering, dict[str, Any]]:
+    """`auto` (or None): measured on the training pairs by `choose_rendering` (sequences cut at `max_length`,
+    as they will be trained and scored); a name or mapping: as given.
 
     Returns the rendering and the record to keep with results (how it was chosen, and the measurement).
     """
     if rendering is None or rendering == "auto":
-        choice = choose_rendering(model, tokenizer, train)
+        choice = choose_rendering(model, tokenizer, train, max_length=max_length)
         log.info("rendering measured on %s: %s", train.name, choice.rendering.to_dict())
         return choice.rendering, {"chosen_by": "measurement", **choice.to_dict()}
     chosen = Rendering.parse(rendering)
@@ -336,6 +338,41 @@ def common_rendering(updates: Mapping[str, Update]) -> Rendering | None:
     return first
 
 
+def resolve_recipe(recipe: Recipe, model: nn.Module, tokenizer: Any = None, data: BuiltinData | None = None, *,
+                   updates: Mapping[str, Update] | None = None, rendering: Rendering | None = None,
+                   rendering_choice: Mapping[str, Any] | None = None) -> Recipe:
+    """`recipe` fixed against the loaded model and data.
+
+    layer "default" → `resolve_layer`; None (the updates' own) → the one layer every update in `updates` sits
+    at, else None. rendering: `rendering` when given (already resolved, e.g. read back from OUT/rendering.json,
+    with its `rendering_choice`); "auto" or a name → `resolve_rendering` on `data`'s training pairs under the
+    recipe's max_length; None → the one `updates` were trained with (`common_rendering`), else the default.
+    split → every field of the split `data` was made with; dtype → the loaded model's.
+    """
+    layer = recipe.layer
+    if layer is None:
+        layers = {u.layer for u in (updates or {}).values()}
+        layer = layers.pop() if len(layers) == 1 else None
+    else:
+        layer = resolve_layer(model, layer)
+    choice = dict(rendering_choice) if rendering_choice else None
+    if rendering is None:
+        if recipe.rendering is None:
+            found = common_rendering(updates or {})
+            rendering = found or Rendering.parse(None)
+            choice = {"chosen_by": "the updates" if found is not None else "default", "rendering": rendering.to_dict()}
+        else:
+            if recipe.rendering == "auto" and data is None:
+                raise ConfigError("rendering 'auto' is measured on the training pairs: pass the data")
+            rendering, choice = resolve_rendering(model, tokenizer, recipe.rendering,
+                                                  data.splits.train if data is not None else None,
+                                                  max_length=recipe.max_length)
+    split = dataclasses.asdict(data.splits.spec) if data is not None else recipe.split
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return dataclasses.replace(recipe, layer=layer, rendering=rendering, rendering_choice=choice, split=split,
+                               dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -346,16 +383,22 @@ class TrainedCell:
     seconds: float | None  # None when a finished cell was loaded without its timing
 
 
-def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective: str, form: str, layer: int,
-               rendering: Rendering, out_dir: str | Path, overrides: Mapping[str, Any] | None = None,
-               seed: int = 42, name: str = "", resume: bool | None = None, overwrite: bool = False,
+def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective: str, form: str,
+               out_dir: str | Path, recipe: Recipe | None = None, layer: int | None = None,
+               rendering: Rendering | None = None, overrides: Mapping[str, Any] | None = None,
+               seed: int | None = None, name: str = "", resume: bool | None = None, overwrite: bool = False,
                progress: bool = True, extra_record: Mapping[str, Any] | None = None) -> TrainedCell:
     """Train (or compute) one update on `data`'s train split and save it to `out_dir/update`.
+
+    `recipe` (resolved: `resolve_recipe`) gives the layer, the rendering, max_length and the seed, and its
+    encoder is the one trained with; `overrides` are the other TrainConfig fields (a recipe key among them must
+    agree with the recipe). A direct caller may give `layer=` and `rendering=` (and `seed=`, max_length among
+    `overrides`) instead, and the recipe is built from them.
 
     `resume=None` continues from a checkpoint when `out_dir` holds one and restarts a run that stopped before
     its first checkpoint; True requires a checkpoint; False starts fresh. Already finished (`update` exists):
     the saved update is loaded, unless `overwrite`. The update records the training pairs (content ids), the
-    split and the rendering, so evaluation can refuse pairs it was trained on.
+    split, the rendering and the recipe, so evaluation can refuse pairs it was trained on.
     """
     from .engine.storage import load_update, save_update
     from .training.diffmean import diffmean_update
@@ -369,25 +412,25 @@ def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective
     if update_path.exists() and not overwrite:
         seconds = read_json(timing_path)["seconds"] if timing_path.exists() else None
         return TrainedCell(load_update(update_path, model), update_path, seconds)
+    recipe = _training_recipe(model, data, recipe, layer=layer, rendering=rendering, seed=seed, overrides=overrides)
+    overrides = recipe.absorb(overrides, where="train")
+    layer = recipe.train_settings()["layer"]
+    # The one encoder of the recipe: its rendering and max_length reach the sequences trained on.
+    encoder = recipe.encoder(tokenizer)
     train = data.splits.train
     started = time.perf_counter()
-    record = {"split": data.splits.record(), "dataset": data.name, **dict(extra_record or {})}
+    record = {"split": data.splits.record(), "dataset": data.name, "recipe": recipe.to_dict(),
+              **dict(extra_record or {})}
     if objective == "diffmean":
         if form != "vector":
             raise ConfigError("objective diffmean exists only for form vector")
-        # DiffMean has no TrainConfig; the one setting it shares with one is how long a sequence may be.
-        encoder = PairEncoder(tokenizer, rendering,
-                              max_length=dict(overrides or {}).get("max_length", TrainConfig.max_length))
         update = diffmean_update(model, tokenizer, train, layer, encoder=encoder, progress=progress,
                                  name=name or f"diffmean-vector-L{layer}")
         update.spec.training.update(record)
         out.mkdir(parents=True, exist_ok=True)
         save_update(update, update_path, overwrite=overwrite)
     else:
-        config = preset(objective, form, data=preset_family(data),
-                        **{**dict(overrides or {}), "layer": layer, "seed": seed, "rendering": rendering})
-        # The encoder follows the config, so `--set max_length=N` reaches the sequences trained on.
-        encoder = PairEncoder(tokenizer, rendering, max_length=config.max_length)
+        config = preset(objective, form, data=preset_family(data), **{**overrides, **recipe.train_settings()})
         has_checkpoint = (out / CHECKPOINT_FILE).exists()
         if resume is None:
             # A run killed before its first checkpoint left only metrics: start it again from scratch.
@@ -408,6 +451,27 @@ def train_cell(model: nn.Module, tokenizer: Any, data: BuiltinData, *, objective
     return TrainedCell(load_update(update_path, model), update_path, seconds)
 
 
+def _training_recipe(model: nn.Module, data: BuiltinData, recipe: Recipe | None, *, layer: int | None,
+                     rendering: Rendering | None, seed: int | None, overrides: Mapping[str, Any] | None) -> Recipe:
+    """The given recipe, or one built from a direct caller's `layer`, `rendering`, `seed` and the recipe keys
+    among its `overrides` (each given once, or the same in both places)."""
+    if recipe is not None:
+        if (layer, rendering, seed) != (None, None, None):
+            raise ConfigError("train_cell: give the recipe, or layer= / rendering= / seed=, not both")
+        return recipe
+    from .engine.models import model_id
+
+    given = dict(overrides or {})
+    settings = {key: agreed(key, [(key, value), (f"overrides.{key}", given.get(key))], None)
+                for key, value in (("layer", layer), ("rendering", rendering), ("seed", seed))}
+    if settings["layer"] is None or settings["rendering"] is None:
+        raise ConfigError("train_cell: give a recipe (workflow.resolve_recipe), or layer= and rendering=")
+    built = Recipe(model=model_id(model), layer=settings["layer"], rendering=settings["rendering"],
+                   seed=DEFAULT_SEED if settings["seed"] is None else settings["seed"],
+                   max_length=given.get("max_length", DEFAULT_MAX_LENGTH))
+    return resolve_recipe(built, model, data=data, rendering=built.rendering)
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
@@ -426,6 +490,7 @@ class ChoiceEvaluation:
     calibrated: list[dict[str, Any]] | None = None
     overlap: dict[str, int] = field(default_factory=dict)
     rendering: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def side(self, which: str) -> dict[str, Any] | None:
         if self.selection is None:
@@ -444,19 +509,27 @@ class ChoiceEvaluation:
                 "selection": None if self.selection is None else self.selection.to_dict(),
                 "toward": self.side("toward"), "away": self.side("away"),
                 "dev_rows": None if self.dev is None else self.dev.rows(), "test_rows": self.test.rows(),
-                "calibrated": self.calibrated, "test": self.test.to_dict()}
+                "calibrated": self.calibrated, "test": self.test.to_dict(), "recipe": self.recipe}
 
 
 def evaluate_choices(model: nn.Module, tokenizer: Any, data: BuiltinData, update: Update | None,
-                     grid: Sequence[float], *, rendering: Rendering, max_pairs: int | None = None,
-                     allow_overlap: bool = False, progress: bool = True) -> ChoiceEvaluation:
+                     grid: Sequence[float], *, recipe: Recipe | None = None, rendering: Rendering | None = None,
+                     max_pairs: int | None = None, allow_overlap: bool = False,
+                     progress: bool = True) -> ChoiceEvaluation:
     """Score `data`'s choice items at every m of `grid` on dev and test; choose ±m on dev.
 
-    Both parts are checked to be held out from the update's training pairs (`check_held_out`).
+    The items are encoded by `recipe`'s encoder (its rendering and max_length); without a recipe, by
+    `rendering` (None: the one the update was trained with) at the default max_length. Both parts are checked
+    to be held out from the update's training pairs (`check_held_out`).
     """
     if data.choice_test is None:
         raise DataError(f"{data.name}: has no yes/no or A/B test items to score")
-    encoder = PairEncoder(tokenizer, rendering)
+    if recipe is None:
+        recipe = scoring_recipe(model, data, {} if update is None else {"update": update}, rendering=rendering)
+    elif rendering is not None:
+        raise ConfigError("evaluate_choices: give the recipe or a rendering, not both")
+    rendering = recipe.resolved_rendering
+    encoder = recipe.encoder(tokenizer)
     test = first_pairs(data.choice_test, max_pairs)
     dev = first_pairs(data.choice_dev, max_pairs) if data.choice_dev is not None and len(data.choice_dev) else None
     overlap = {}
@@ -467,13 +540,26 @@ def evaluate_choices(model: nn.Module, tokenizer: Any, data: BuiltinData, update
     grid = sorted({0.0, *map(float, grid)}) if update is not None else [0.0]
     test_scores = choice_accuracy(model, tokenizer, test.pairs, update, grid, encoder=encoder, progress=progress)
     if update is None or dev is None:
-        return ChoiceEvaluation(grid, test_scores, overlap=overlap, rendering=rendering.to_dict())
+        return ChoiceEvaluation(grid, test_scores, overlap=overlap, rendering=rendering.to_dict(),
+                                recipe=recipe.to_dict())
     dev_scores = choice_accuracy(model, tokenizer, dev.pairs, update, grid, encoder=encoder, progress=progress)
     criterion = "balanced_accuracy" if "balanced_accuracy" in dev_scores.rows(n_boot=1)[0] else "accuracy"
     selection = select_steering(dev_scores, criterion)
     calibrated = calibrated_accuracy(dev_scores, test_scores) if test_scores.leans() is not None and \
         dev_scores.options == test_scores.options else None
-    return ChoiceEvaluation(grid, test_scores, dev_scores, selection, calibrated, overlap, rendering.to_dict())
+    return ChoiceEvaluation(grid, test_scores, dev_scores, selection, calibrated, overlap, rendering.to_dict(),
+                            recipe.to_dict())
+
+
+def scoring_recipe(model: nn.Module, data: BuiltinData | None, updates: Mapping[str, Update], *,
+                   rendering: Rendering | str | Mapping[str, Any] | None = None,
+                   max_length: int = DEFAULT_MAX_LENGTH) -> Recipe:
+    """The resolved recipe of scoring saved `updates` (a sweep, an evaluation) for a caller without one:
+    `rendering` (None: the one the updates were trained with, else the default), the updates' layer."""
+    from .engine.models import model_id
+
+    recipe = Recipe(model=model_id(model), layer=None, rendering=rendering, max_length=max_length, seed=None)
+    return resolve_recipe(recipe, model, data=data, updates=updates)
 
 
 def first_pairs(dataset: PairDataset, limit: int | None) -> PairDataset:
@@ -528,8 +614,9 @@ class LayerScan:
 
 
 def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Sequence[int], *, out_dir: str | Path,
-                objective: str = "split", pairs: int = 80, rendering: Rendering, grid: Sequence[float] | None = None,
-                dev_pairs: int = 60, refine: int = 0, refine_overrides: Mapping[str, Any] | None = None,
+                objective: str = "split", pairs: int = 80, recipe: Recipe | None = None,
+                rendering: Rendering | None = None, grid: Sequence[float] | None = None, dev_pairs: int = 60,
+                refine: int = 0, refine_overrides: Mapping[str, Any] | None = None,
                 callback: Callable[[LayerScore], None] | None = None) -> LayerScan:
     """Measure the steering layer: screen every layer cheaply, then train the full recipe on a shortlist.
 
@@ -539,6 +626,8 @@ def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Seq
     preset (and `refine_overrides`, e.g. the run's epochs) and ranked by dev balanced accuracy over the form's
     default grid — the score multiplier selection uses. Results go to `out_dir/layers.json` as they come; a
     rerun with the same settings skips what is done (and reuses the updates in `out_dir/<stage>-layer-K/`).
+    Every update is trained and scored by `recipe` (its rendering, max_length and seed) at the layer scanned;
+    a direct caller may give a resolved `rendering` instead.
     """
     from .engine.updates import default_grid
 
@@ -546,10 +635,21 @@ def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Seq
         raise ConfigError(f"scan objective: {objective!r} is not one of {sorted(SCAN_GRIDS)}")
     if data.choice_dev is None or not len(data.choice_dev):
         raise DataError(f"{data.name}: no held-out choice items (dev) to score layers on")
+    if recipe is None:
+        if rendering is None:
+            raise ConfigError("scan_layers: give a recipe, or a rendering")
+        recipe = _training_recipe(model, data, None, layer=0, rendering=rendering, seed=None, overrides=None)
+    elif rendering is not None:
+        raise ConfigError("scan_layers: give the recipe or a rendering, not both")
+    encoder = recipe.encoder(tokenizer)
     out = Path(out_dir)
-    settings = {"objective": objective, "pairs": pairs, "dev_pairs": dev_pairs, "rendering": rendering.to_dict(),
-                "grid": list(grid or SCAN_GRIDS[objective]), "data": data.splits.record(), "scores": 2,
-                "refine_overrides": dict(refine_overrides or {"epochs": 1})}
+    settings = {"objective": objective, "pairs": pairs, "dev_pairs": dev_pairs,
+                "rendering": recipe.resolved_rendering.to_dict(), "grid": list(grid or SCAN_GRIDS[objective]),
+                "data": data.splits.record(), "scores": 2, "refine_overrides": dict(refine_overrides or {"epochs": 1})}
+    if recipe.max_length != DEFAULT_MAX_LENGTH:  # only when set, so a scan saved before it was recorded resumes
+        settings["max_length"] = recipe.max_length
+    if recipe.seed != DEFAULT_SEED:
+        settings["seed"] = recipe.seed
     path = out / "layers.json"
     done: dict[str, Any] = {"cheap": {}, "full": {}}
     if path.exists():
@@ -565,11 +665,11 @@ def scan_layers(model: nn.Module, tokenizer: Any, data: BuiltinData, layers: Seq
         if str(layer) not in done[stage]:
             started = time.perf_counter()
             folder = out / (f"layer-{layer}" if stage == "cheap" else f"full-layer-{layer}")
-            trained = train_cell(model, tokenizer, subset, objective=objective, form="vector", layer=layer,
-                                 rendering=rendering, out_dir=folder, overrides=overrides, progress=False,
-                                 name=f"scan-{objective}-L{layer}")
+            trained = train_cell(model, tokenizer, subset, objective=objective, form="vector",
+                                 recipe=dataclasses.replace(recipe, layer=layer), out_dir=folder,
+                                 overrides=overrides, progress=False, name=f"scan-{objective}-L{layer}")
             dev = choice_accuracy(model, tokenizer, subset.choice_dev.pairs, trained.update, stage_grid,
-                                  encoder=PairEncoder(tokenizer, rendering), progress=False)
+                                  encoder=encoder, progress=False)
             grid_m = np.asarray(dev.multipliers)
             auc, balanced = dev.auc(), dev.balanced_accuracy()
             if auc is None:

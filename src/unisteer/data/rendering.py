@@ -255,6 +255,16 @@ class PairEncoder:
         lengths = [min(len(a), len(c)) for a, c in zip(answers, completions, strict=True)]
         return EncodedPair(prompt_ids, completions[0], completions[1], dict(pair.meta), truncated, *lengths)
 
+    def fit_prompt(self, prompt_ids: list[int], room: int) -> list[int]:
+        """`prompt_ids` cut as `encode` cuts a prompt (the template's common prefix kept, user content lost from
+        its left) so that `room` more tokens fit within `max_length`; counted in `truncated_count` when cut.
+        For callers that score a prompt with something other than a pair's completions (choice items)."""
+        budget = max(self.max_length - room, 1)
+        if len(prompt_ids) <= budget:
+            return prompt_ids
+        self.truncated_count += 1
+        return self._truncate_prompt(prompt_ids, budget)
+
     def encode_all(self, pairs: Iterable[PolarityPair]) -> list[EncodedPair]:
         return [self.encode(p) for p in pairs]
 

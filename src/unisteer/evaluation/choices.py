@@ -38,7 +38,8 @@ A/B answers are scored at the letter: the two completions as the rendering spell
 "(B)") are tokenised, their
 shared leading tokens (e.g. "(") are appended to the prompt as a forced answer prefix, and the first tokens
 where they differ ("A" vs "B") are compared. An item counts as correct when the matching answer is strictly
-more likely.
+more likely. A prompt too long for the encoder's `max_length` (with the forced prefix and the answer) loses
+tokens as training sequences do (`PairEncoder.fit_prompt`).
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ def prepare_choice_items(pairs: Sequence[PolarityPair], tokenizer: Any, encoder:
         prompt_ids = encoder.encode_prompt(pair.prompt)
         if fmt == "yes_no" and spellings is not None:
             matching, not_matching = str(meta["matching_answer"]), str(meta["not_matching_answer"])
-            items.append(ChoiceItem(prompt_ids, [], fmt, matching, not_matching,
+            items.append(ChoiceItem(encoder.fit_prompt(prompt_ids, 1), [], fmt, matching, not_matching,
                                     _spelled_ids(tokenizer, matching, spellings),
                                     _spelled_ids(tokenizer, not_matching, spellings)))
             continue
@@ -276,7 +277,9 @@ def prepare_choice_items(pairs: Sequence[PolarityPair], tokenizer: Any, encoder:
                             "not differ in a token position; cannot compare them at one answer position")
         labels = ((meta["matching_letter"], meta["not_matching_letter"]) if fmt == "ab"
                   else (pair.positive.strip(), pair.negative.strip()))
-        items.append(ChoiceItem(prompt_ids, list(positive[:shared]), fmt, str(labels[0]), str(labels[1]),
+        # The answer is read at the position after the shared prefix: prompt, prefix and answer fit max_length.
+        items.append(ChoiceItem(encoder.fit_prompt(prompt_ids, shared + 1), list(positive[:shared]), fmt,
+                                str(labels[0]), str(labels[1]),
                                 (positive[shared],), (negative[shared],)))
     if not items:
         raise DataError("no pairs to evaluate")
