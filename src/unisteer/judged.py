@@ -158,11 +158,13 @@ def chosen_multipliers(evaluation: Mapping[str, Any] | None, form: str) -> tuple
 
 
 def judge_update(model: Any, tokenizer: Any, update: Any, prompts: Sequence[Any], multipliers: Sequence[float],
-                 config: JudgeRunConfig, *, rubric: str, out_dir: Path, name: str, rendering: Any = None,
-                 split: str = "test", multiplier_source: str = "given", progress: bool = True,
+                 config: JudgeRunConfig, *, rubric: str, out_dir: Path, name: str, recipe: Any = None,
+                 rendering: Any = None, split: str = "test", multiplier_source: str = "given", progress: bool = True,
                  env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Generate at `multipliers`, judge, write `out_dir/<name>.json` (returned) and the full report."""
-    from .data.rendering import PairEncoder
+    """Generate at `multipliers`, judge, write `out_dir/<name>.json` (returned) and the full report.
+
+    The prompts are rendered by the resolved `recipe`'s encoder (the run's); a direct caller may give a
+    `rendering` instead (neither: `generate_steered`'s default)."""
     from .evaluation.judge import Judge
     from .evaluation.judging import judge_generations
     from .generation.generate import generate_steered
@@ -172,7 +174,13 @@ def judge_update(model: Any, tokenizer: Any, update: Any, prompts: Sequence[Any]
         raise ConfigError("judge.rubric: resolve 'auto' with resolve_rubric(rubric, data name) first")
     _check_concept(rubric, prompts, config.concept)
     judge_config = config.judge_config(out_dir / "responses.jsonl", progress=progress, env=env)
-    encoder = PairEncoder(tokenizer, rendering) if rendering is not None else None
+    if recipe is not None and rendering is not None:
+        raise ConfigError("judge_update: give the recipe or a rendering, not both")
+    if recipe is None and rendering is not None:
+        from .recipe import Recipe
+
+        recipe = Recipe(rendering=rendering, layer=None, seed=None)
+    encoder = recipe.encoder(tokenizer) if recipe is not None else None
     generations = generate_steered(model, tokenizer, list(prompts), update, list(multipliers),
                                    SamplingConfig(max_new_tokens=config.max_new_tokens),
                                    out_dir / name / "generations.jsonl", encoder=encoder, progress=progress)

@@ -7,7 +7,9 @@ with the headline; `OUT/summary.json` / `summary.md` hold the Table-3-shaped com
 work whose result is already on disk, and a training stage that was interrupted continues from its last
 checkpoint (or restarts, if it had none), so rerunning the same command resumes an interrupted run.
 
-The split, the layer and the rendering are decided once per run (`workflow`) and used by every stage.
+The run's settings are one `Recipe` (model, dtype, layer, rendering with max_length, split, seed), built from
+the YAML once (`Recipe.from_run_config`), resolved against the loaded model and data (`workflow.resolve_recipe`)
+and handed to every stage: its encoder is the one every stage trains and scores with.
 
 `executor` says where the stages run. `local` (the default): one process loads the model once and runs every
 stage in turn. `ray`: each cell's training, then its sweep and choice evaluation, run as Ray tasks (each loading
@@ -103,6 +105,7 @@ class RunConfig:
     dtype: str = "auto"
     layer: int | str | None = "default"  # an index, or "default": the model's measured layer
     rendering: Any = "auto"  # "auto" (measured), "natural", "reference", or a mapping of Rendering fields
+    max_length: int | None = None  # longest sequence in tokens (default 512; train.max_length says the same)
     data_dir: str | None = None
     fields: Any = None
     split: dict[str, Any] | None = None  # fields of the dataset's default split to change
@@ -147,6 +150,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     from .data.pairs import SplitConfig
     from .data.rendering import Rendering
     from .judged import resolve_rubric
+    from .recipe import Recipe
     from .training.config import TrainConfig
 
     path = Path(path)
@@ -162,6 +166,10 @@ def load_run_config(path: str | Path) -> RunConfig:
         from_dict(TrainConfig, {**config.train, **cell.train}, where=f"{path}: cells[{cell.name}].train")
     if config.rendering != "auto":
         Rendering.parse(config.rendering)
+    try:  # the recipe's settings agree wherever they are given (top level, train, sweep, cells)
+        Recipe.from_run_config(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if config.judge is not None:  # an unknown rubric or an unset key variable fails now, not after training
         resolve_rubric(config.judge.rubric, config.data)
         config.judge.judge_config(Path(config.out) / "judge" / "responses.jsonl", progress=False)
@@ -190,27 +198,39 @@ def run_pipeline(config: RunConfig, *, progress: bool = True) -> Path:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What the driver needs from the run's preparation: the layer and dtype it reports, whether choice
-    evaluations exist for the dataset."""
+    """What the driver needs from the run's preparation: the resolved recipe it reports (layer, dtype, ...),
+    whether choice evaluations exist for the dataset."""
 
-    layer: int
-    dtype: str
+    recipe: Any  # the resolved `Recipe`
     evaluates: bool
+
+    @property
+    def layer(self) -> int:
+        return self.recipe.layer
+
+    @property
+    def dtype(self) -> str:
+        return self.recipe.dtype
 
 
 @dataclass
 class _Loaded:
-    """A stage's working set: the model and what the run decided once (layer, data and its split, rendering)."""
+    """A stage's working set: the model, the data and the run's resolved recipe (layer, split, rendering with
+    max_length, seed), whose encoder every stage uses."""
 
     config: RunConfig
     out: Path
     model: Any
     tokenizer: Any
     data: Any
-    rendering: Any
+    recipe: Any
     sweep_config: Any
     prepared: Prepared
     progress: bool
+
+    @property
+    def rendering(self) -> Any:
+        return self.recipe.rendering
 
 
 def _load(config: RunConfig, *, progress: bool, prepare: bool = False) -> _Loaded:
@@ -218,24 +238,25 @@ def _load(config: RunConfig, *, progress: bool, prepare: bool = False) -> _Loade
     the dataset; the rendering is measured on the first call and read back from OUT/rendering.json afterwards."""
     from .analysis.sweep import SweepConfig
     from .engine.models import load_model
-    from .workflow import load_data, resolve_layer, resolve_rendering
+    from .recipe import Recipe
+    from .workflow import load_data, resolve_recipe
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    sweep_config = from_dict(SweepConfig, {**config.sweep, "progress": progress}, where="sweep")
+    recipe = Recipe.from_run_config(config)
+    sweep_config = from_dict(SweepConfig, {**config.sweep, "max_length": recipe.max_length, "progress": progress},
+                             where="sweep")
     if prepare:
         write_json(out / "config.json", asdict(config))
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
-    layer = resolve_layer(model, config.layer)
-    data = load_data(config.data, data_dir=config.data_dir, fields=config.fields, split=config.split, model=model,
+    model, tokenizer = load_model(recipe.model, dtype=recipe.dtype)
+    data = load_data(config.data, data_dir=config.data_dir, fields=config.fields, split=recipe.split, model=model,
                      tokenizer=tokenizer, cache_dir=out / "cache")
     if prepare:
         write_json(out / "data.json", data.record())
-    rendering = _run_rendering(out, model, tokenizer, config, data, resolve_rendering)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    rendering, record = _run_rendering(out, model, tokenizer, config, data, recipe)
+    recipe = resolve_recipe(recipe, model, tokenizer, data, rendering=rendering, rendering_choice=record)
     evaluates = config.evaluate.enabled and data.choice_test is not None
-    return _Loaded(config, out, model, tokenizer, data, rendering, sweep_config, Prepared(layer, dtype, evaluates),
-                   progress)
+    return _Loaded(config, out, model, tokenizer, data, recipe, sweep_config, Prepared(recipe, evaluates), progress)
 
 
 def _train_stage(run: _Loaded, cell: CellConfig):
@@ -243,25 +264,23 @@ def _train_stage(run: _Loaded, cell: CellConfig):
     from .workflow import train_cell
 
     config = run.config
-    return train_cell(run.model, run.tokenizer, run.data, objective=cell.objective, form=cell.form,
-                      layer=run.prepared.layer, rendering=run.rendering, out_dir=run.out / "cells" / cell.name,
-                      overrides={**config.train, **cell.train}, seed=config.seed, name=cell.name,
-                      progress=run.progress)
+    recipe = run.recipe.cell_recipe(cell.train, where=f"cells[{cell.name}].train")
+    return train_cell(run.model, run.tokenizer, run.data, objective=cell.objective, form=cell.form, recipe=recipe,
+                      out_dir=run.out / "cells" / cell.name, overrides={**config.train, **cell.train},
+                      name=cell.name, progress=run.progress)
 
 
 def _sweep_stage(run: _Loaded, updates: dict[str, Any]) -> None:
     """Sweep `updates` (all cells, or one) into OUT/sweep/ (rows already there are skipped)."""
     from .analysis.sweep import run_sweep
-    from .data.rendering import PairEncoder
     from .workflow import first_pairs
 
     config = run.config
     splits = {name: first_pairs(run.data.splits[name], config.sweep_max_pairs) for name in config.sweep_splits}
     settings = {"model": config.model, "dtype": run.prepared.dtype, "layer": run.prepared.layer,
-                "dataset": run.data.record()}
-    encoder = PairEncoder(run.tokenizer, run.rendering, max_length=run.sweep_config.max_length)
-    run_sweep(run.model, run.tokenizer, updates, splits, run.sweep_config, run.out / "sweep", encoder=encoder,
-              settings=settings)
+                "dataset": run.data.record(), "recipe": run.recipe.to_dict()}
+    run_sweep(run.model, run.tokenizer, updates, splits, run.sweep_config, run.out / "sweep",
+              encoder=run.recipe.encoder(run.tokenizer), settings=settings)
 
 
 def _evaluate_stage(run: _Loaded, name: str, update) -> None:
@@ -275,7 +294,7 @@ def _evaluate_stage(run: _Loaded, name: str, update) -> None:
         return
     form = next((c.form for c in config.cells if c.name == name), None)
     grid = [0.0] if form is None else config.evaluate.grids.get(form, default_grid(form))
-    result = evaluate_choices(run.model, run.tokenizer, run.data, update, grid, rendering=run.rendering,
+    result = evaluate_choices(run.model, run.tokenizer, run.data, update, grid, recipe=run.recipe,
                               max_pairs=config.evaluate.max_pairs, progress=run.progress)
     write_json(path, result.to_dict())
 
@@ -300,7 +319,7 @@ def _judge_stage(run: _Loaded, name: str, update) -> None:
     if read_judged(out_dir / f"{name}.json", rubric=rubric, multipliers=multipliers) is not None:
         return
     judge_update(run.model, run.tokenizer, update, judge_prompts(run.data, "test", judge.max_prompts), multipliers,
-                 judge, rubric=rubric, out_dir=out_dir, name=name, rendering=run.rendering,
+                 judge, rubric=rubric, out_dir=out_dir, name=name, recipe=run.recipe,
                  multiplier_source=source, progress=run.progress)
 
 
@@ -322,6 +341,7 @@ def _finish(config: RunConfig, prepared: Prepared, timings: dict[str, float | No
         for name in ("vanilla", *(cell.name for cell in config.cells)):
             evaluations[name] = read_json(out / "eval" / f"{name}.json")
     summary = run_summary(config, prepared.dtype, prepared.layer, timings, fits, evaluations, variant)
+    summary["recipe"] = prepared.recipe.to_dict()
     data_record = read_json(out / "data.json") if (out / "data.json").exists() else {}
     _add_judged(summary, out, open_ended=bool((data_record.get("open_prompts") or {}).get("test")),
                 judged=config.judge is not None)
@@ -453,18 +473,24 @@ def _cancel(ray, pending: dict[Any, Any]) -> None:
         ray.cancel(ref, force=True)  # a no-op for a task that finished meanwhile
 
 
-def _run_rendering(out: Path, model, tokenizer, config: RunConfig, data, resolve_rendering):
-    """The run's rendering, measured once and kept in OUT/rendering.json so a rerun uses the same one."""
+def _run_rendering(out: Path, model, tokenizer, config: RunConfig, data, recipe):
+    """The run's rendering and how it was chosen, measured once and kept in OUT/rendering.json so a rerun uses
+    the same one."""
     from .data.rendering import Rendering
+    from .workflow import resolve_rendering
 
+    # What the config asked for, as written (the recipe takes train.rendering when the top level is unset).
+    requested = config.rendering if config.rendering not in (None, "auto") else \
+        config.train.get("rendering", config.rendering)
     path = out / "rendering.json"
     if path.exists():
         record = read_json(path)
-        if record.get("requested") == config.rendering:
-            return Rendering.parse({k: v for k, v in record["rendering"].items()})
-    rendering, record = resolve_rendering(model, tokenizer, config.rendering, data.splits.train)
-    write_json(path, {"requested": config.rendering, **record})
-    return rendering
+        if record.get("requested") == requested:
+            return Rendering.parse({k: v for k, v in record["rendering"].items()}), record
+    rendering, record = resolve_rendering(model, tokenizer, recipe.rendering, data.splits.train,
+                                          max_length=recipe.max_length)
+    write_json(path, {"requested": requested, **record})
+    return rendering, record
 
 
 # ---------------------------------------------------------------------------------------------- summary

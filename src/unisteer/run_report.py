@@ -311,6 +311,11 @@ def _run_settings(out: Path, summary: dict[str, Any]) -> list[list[Any]]:
                      f"{record['answer_nll'].get('keep', float('nan')):.2f} nats; end-of-turn after the answer "
                      f"{record['end_of_turn_nll']:.2f} nats, appended only below ln 2)")
         rows.append(["rendering", text])
+    recipe = summary.get("recipe")
+    if recipe:  # runs summarised before the recipe was recorded show the rows above only
+        seed = "" if recipe.get("seed") is None else f"; training seed {recipe['seed']}"
+        rows.append(["sequences", f"max length {recipe.get('max_length')} tokens (prompt + completion; a longer "
+                                  f"pair loses prompt tokens from the left of its user turn){seed}"])
     data_path = out / "data.json"
     if data_path.exists():
         record = read_json(data_path)
