@@ -288,10 +288,13 @@ def train(model: Any, tokenizer: Any, data: Any, *, out: str | Path, objective: 
     The update, `metrics.jsonl` and checkpoints go to `out`; rerunning with the same `out` continues from the
     last checkpoint, and a finished `out` is loaded rather than retrained (`overwrite=True` retrains).
     `layer="default"` is the model's measured layer; `rendering="auto"` is measured on the training pairs.
+    layer, rendering, seed and `max_length` (among `settings`) are the run's `Recipe`, recorded with the update.
     """
+    from .engine.models import model_id
     from .engine.updates import FORMS
+    from .recipe import DEFAULT_MAX_LENGTH, Recipe
     from .training.objectives import OBJECTIVES
-    from .workflow import resolve_layer, resolve_rendering, train_cell
+    from .workflow import resolve_recipe, train_cell
 
     if objective not in (*OBJECTIVES, "diffmean"):
         raise ConfigError(f"objective {objective!r} is not one of {[*OBJECTIVES, 'diffmean']}")
@@ -303,11 +306,13 @@ def train(model: Any, tokenizer: Any, data: Any, *, out: str | Path, objective: 
 
         from_dict(TrainConfig, dict(settings), where="us.train settings")  # unknown keys before any work
     data = _data(data, model, tokenizer, out)
-    chosen_layer = resolve_layer(model, layer)
-    chosen, record = resolve_rendering(model, tokenizer, rendering, data.splits.train)
-    trained = train_cell(model, tokenizer, data, objective=objective, form=form, layer=chosen_layer,
-                         rendering=chosen, out_dir=out, overrides=settings, seed=seed, name=name, resume=resume,
-                         overwrite=overwrite, progress=progress, extra_record={"rendering_choice": record})
+    recipe = Recipe(model=model_id(model), layer="default" if layer is None else layer,
+                    rendering="auto" if rendering is None else rendering, seed=seed,
+                    max_length=settings.pop("max_length", DEFAULT_MAX_LENGTH))
+    recipe = resolve_recipe(recipe, model, tokenizer, data)
+    trained = train_cell(model, tokenizer, data, objective=objective, form=form, recipe=recipe, out_dir=out,
+                         overrides=settings, name=name, resume=resume, overwrite=overwrite, progress=progress,
+                         extra_record={"rendering_choice": recipe.rendering_choice})
     result = _train_result_from_folder(Path(out))
     result.update = trained.update
     result.seconds = trained.seconds
@@ -416,8 +421,7 @@ def sweep(model: Any, tokenizer: Any, updates: Any, data: Any, *, out: str | Pat
     """
     from .analysis.sweep import SweepConfig, run_sweep
     from .config import from_dict
-    from .data.rendering import PairEncoder, Rendering
-    from .workflow import check_held_out, common_rendering, first_pairs
+    from .workflow import check_held_out, first_pairs, scoring_recipe
 
     sweep_config = from_dict(SweepConfig, {**config, "grid": None if grid is None else [float(m) for m in grid],
                                            "progress": progress}, where="us.sweep")
@@ -428,14 +432,11 @@ def sweep(model: Any, tokenizer: Any, updates: Any, data: Any, *, out: str | Pat
         if split != "train":
             for update in named.values():
                 check_held_out(update, pairs, name=f"split {split!r}", allow_overlap=allow_overlap)
-    chosen = Rendering.parse(rendering) if rendering is not None else \
-        common_rendering(named) or Rendering.parse(None)
-    from .engine.models import model_id
-
-    record = {"model": model_id(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-              "dataset": data.record(), **dict(settings or {})}
+    recipe = scoring_recipe(model, data, named, rendering=rendering, max_length=sweep_config.max_length)
+    record = {"model": recipe.model, "dtype": recipe.dtype, "dataset": data.record(), "recipe": recipe.to_dict(),
+              **dict(settings or {})}
     result = run_sweep(model, tokenizer, named, parts, sweep_config, out, settings=record,
-                       encoder=PairEncoder(tokenizer, chosen, max_length=sweep_config.max_length))
+                       encoder=recipe.encoder(tokenizer))
     return SweepResult(Path(out), list(named), list(parts), result.rows_computed, result.rows_reused, result.seconds)
 
 
@@ -726,29 +727,27 @@ class EvalResult(_Result):
 
 def evaluate(model: Any, tokenizer: Any, data: Any, update: Any = None, *, grid: Sequence[float] | None = None,
              rendering: Any = None, max_pairs: int | None = None, allow_overlap: bool = False, progress: bool = True,
-             name: str | None = None) -> EvalResult:
+             name: str | None = None, max_length: int = 512) -> EvalResult:
     """Yes/no or A/B choice accuracy of `update` (None: the plain model) over `grid` (`unisteer eval`).
 
     Scores dev and test; +m and −m are chosen on dev by balanced accuracy and reported on test with Wilson /
-    bootstrap intervals and the paired change from m = 0. `rendering` defaults to the update's own. Both
-    parts are checked to be held out from the update's training pairs.
+    bootstrap intervals and the paired change from m = 0. `rendering` defaults to the update's own; a prompt
+    longer than `max_length` tokens loses tokens from the left of its user turn. Both parts are checked to be
+    held out from the update's training pairs.
     """
-    from .data.rendering import Rendering
     from .engine.updates import default_grid
-    from .workflow import evaluate_choices, rendering_of
+    from .workflow import evaluate_choices, scoring_recipe
 
     label = name
     if isinstance(update, TrainResult):
         label = label or update.name
         update = _named_updates({update.name: update})[update.name]
-    if rendering is not None:
-        chosen = Rendering.parse(rendering)
-    else:
-        chosen = (rendering_of(update) if update is not None else None) or Rendering.parse(None)
     grid = [float(m) for m in grid] if grid is not None else \
         (default_grid(update.spec.form) if update is not None else [0.0])
     data = _data(data, model, tokenizer, None)
-    result = evaluate_choices(model, tokenizer, data, update, grid, rendering=chosen, max_pairs=max_pairs,
+    recipe = scoring_recipe(model, data, {} if update is None else {"update": update}, rendering=rendering,
+                            max_length=max_length)
+    result = evaluate_choices(model, tokenizer, data, update, grid, recipe=recipe, max_pairs=max_pairs,
                               allow_overlap=allow_overlap, progress=progress)
     meta = {}
     if update is not None:

@@ -11,7 +11,6 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from .engine.models import DEFAULT_DTYPE, DTYPE_CHOICES, DTYPE_HELP
 from .engine.updates import FORMS
@@ -37,17 +36,25 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-folder", default=None, help="where a --device-map puts 'disk' layers")
 
 
-def _update_and_rendering(update_path: str | None, model, rendering_arg) -> tuple[Any, Any]:
-    """The saved update (or None) and the rendering to score it under: --rendering when given, else the one the
-    update was trained with, else the default."""
-    from .data.rendering import Rendering
-    from .engine.storage import load_update
-    from .workflow import rendering_of
+def recipe_from_args(args: argparse.Namespace, overrides: dict | None = None, *, trains: bool = False):
+    """The command's `Recipe` from its flags (--model, --dtype, the split flags, and where the command has them
+    --layer, --rendering, --max-length, --seed), and the TrainConfig `overrides` left once the recipe's own keys
+    given with --set (layer, rendering, max_length, seed) are taken in; a flag and a --set of one setting must
+    agree. A command that trains (`trains`) defaults to the model's measured layer, the measured rendering and
+    seed 42; one that scores saved updates leaves the layer and seed to them and the rendering to theirs."""
+    from .recipe import DEFAULT_MAX_LENGTH, DEFAULT_SEED, RECIPE_TRAIN_KEYS, Recipe, agreed
 
-    update = load_update(update_path, model) if update_path else None
-    if rendering_arg is not None:
-        return update, Rendering.parse(rendering_arg)
-    return update, (rendering_of(update) if update is not None else None) or Rendering.parse(None)
+    rest = dict(overrides or {})
+    taken = {key: rest.pop(key) for key in RECIPE_TRAIN_KEYS if key in rest}
+    flags = {"layer": getattr(args, "layer", None), "rendering": _rendering_arg(getattr(args, "rendering", None)),
+             "max_length": getattr(args, "max_length", None), "seed": getattr(args, "seed", None)}
+    given = {key: agreed(key, [(f"--{key.replace('_', '-')}", flag), (f"--set {key}", taken.get(key))], None)
+             for key, flag in flags.items()}
+    defaults = {"layer": "default", "rendering": "auto", "max_length": DEFAULT_MAX_LENGTH, "seed": DEFAULT_SEED} \
+        if trains else {"layer": None, "rendering": None, "max_length": DEFAULT_MAX_LENGTH, "seed": None}
+    recipe = Recipe(model=args.model, dtype=args.dtype, split=split_overrides(args),
+                    **{key: defaults[key] if value is None else value for key, value in given.items()})
+    return recipe, rest
 
 
 def _add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -97,12 +104,14 @@ def _fields(args: argparse.Namespace):
         raise UnisteerError(f"--fields: not valid JSON ({exc.msg} at character {exc.pos})") from exc
 
 
-def load_data_from_args(args: argparse.Namespace, model=None, tokenizer=None):
-    """A `BuiltinData` for a built-in name, or one built from a pairs file (`workflow.load_data`)."""
+def load_data_from_args(args: argparse.Namespace, model=None, tokenizer=None, recipe=None):
+    """A `BuiltinData` for a built-in name, or one built from a pairs file (`workflow.load_data`), split as the
+    recipe says (without one: as the split flags say)."""
     from .workflow import load_data
 
     cache_dir = Path(getattr(args, "out", None) or "results") / "cache"
-    return load_data(args.data, data_dir=args.data_dir, fields=_fields(args), split=split_overrides(args),
+    split = recipe.split if recipe is not None else split_overrides(args)
+    return load_data(args.data, data_dir=args.data_dir, fields=_fields(args), split=split,
                      model=model, tokenizer=tokenizer, cache_dir=cache_dir)
 
 
@@ -237,6 +246,12 @@ def _rendering_arg(value: str | None):
         raise UnisteerError(f"--rendering: not valid JSON ({exc.msg} at character {exc.pos})") from exc
 
 
+def _add_max_length_arg(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument("--max-length", type=int, default=None, metavar="N",
+                        help="longest sequence in tokens (prompt + completion); a longer pair loses prompt tokens "
+                             f"from the left of its user turn (default: 512{extra})")
+
+
 def _layer_arg(text: str) -> int | str:
     if text == "default":
         return text
@@ -254,9 +269,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
                    help="training objective (default: %(default)s); diffmean is closed-form (vector only)")
     p.add_argument("--form", default="vector", choices=list(FORMS),
                    help="update form (default: %(default)s)")
-    p.add_argument("--layer", type=_layer_arg, default="default",
+    p.add_argument("--layer", type=_layer_arg, default=None,
                    help="decoder layer (default: the model's measured layer, see `unisteer layers`)")
     _add_rendering_arg(p, "default: auto")
+    _add_max_length_arg(p, "; the same as --set max_length=N")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: 42; the same as --set seed=N)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field of the preset, e.g. --set epochs=1 --set lr=0.05 (repeatable)")
     p.add_argument("--out", required=True, help="output folder (update, metrics.jsonl, checkpoints)")
@@ -286,7 +303,7 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .workflow import resolve_layer, resolve_rendering, train_cell
+    from .workflow import resolve_recipe, train_cell
 
     _fields(args)  # a malformed --fields fails before the model loads
     if args.objective == "diffmean" and args.form != "vector":
@@ -296,18 +313,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "replace it, or choose another --out")
     if isinstance(args.layer, int) and args.layer < 0:
         raise UnisteerError(f"--layer {args.layer}: layers are numbered from 0")
-    overrides = _parse_overrides(args.set)
-    rendering_arg = _rendering_arg(args.rendering)
+    recipe, overrides = recipe_from_args(args, _parse_overrides(args.set), trains=True)
     model, tokenizer = _load_model(args)
-    layer = resolve_layer(model, args.layer)
-    data = load_data_from_args(args, model, tokenizer)
-    rendering, record = resolve_rendering(model, tokenizer, rendering_arg, data.splits.train)
-    print(f"layer {layer}, rendering {rendering.to_dict()} ({record['chosen_by']}), split "
-          f"{data.splits.sizes()} (seed {data.splits.spec.seed})", file=sys.stderr)
-    trained = train_cell(model, tokenizer, data, objective=args.objective, form=args.form, layer=layer,
-                         rendering=rendering, out_dir=args.out, overrides=overrides,
-                         resume=True if args.resume else None, overwrite=args.overwrite,
-                         extra_record={"rendering_choice": record})
+    data = load_data_from_args(args, model, tokenizer, recipe)
+    recipe = resolve_recipe(recipe, model, tokenizer, data)
+    print(f"layer {recipe.layer}, rendering {recipe.rendering.to_dict()} ({recipe.rendering_choice['chosen_by']}), "
+          f"max length {recipe.max_length}, seed {recipe.seed}, split {data.splits.sizes()} (seed "
+          f"{data.splits.spec.seed})", file=sys.stderr)
+    trained = train_cell(model, tokenizer, data, objective=args.objective, form=args.form, recipe=recipe,
+                         out_dir=args.out, overrides=overrides, resume=True if args.resume else None,
+                         overwrite=args.overwrite, extra_record={"rendering_choice": recipe.rendering_choice})
     print(f"update: {trained.path}")
     return 0
 
@@ -324,6 +339,7 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-rows", type=int, default=64, help="rows per forward (default: %(default)s)")
     p.add_argument("--no-manifold", action="store_true", help="skip the manifold-distance measurements")
     _add_rendering_arg(p, "default: the one the updates were trained with")
+    _add_max_length_arg(p)
     p.add_argument("--allow-overlap", action="store_true",
                    help="score held-out splits even if an update was trained on some of their pairs (warns)")
     p.add_argument("--out", required=True, help="sweep folder (resumes if it exists)")
@@ -356,28 +372,27 @@ def _load_updates(items: list[str], model) -> dict:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .analysis.sweep import SweepConfig, run_sweep
-    from .data.rendering import PairEncoder, Rendering
-    from .workflow import check_held_out, common_rendering, first_pairs
+    from .workflow import check_held_out, first_pairs, resolve_recipe
 
     _fields(args)  # a malformed --fields fails before the model loads
     names = [update_name(item)[0] for item in args.update]
     if len(set(names)) != len(names):
         raise UnisteerError(f"--update: names {names} are not unique; give each update a unique NAME=PATH")
+    recipe, _ = recipe_from_args(args)
     config = SweepConfig(grid=_parse_floats(args.grid) if args.grid else None, batch_rows=args.batch_rows,
-                         manifold=not args.no_manifold)
+                         manifold=not args.no_manifold, max_length=recipe.max_length)
     model, tokenizer = _load_model(args)
     updates = _load_updates(args.update, model)
-    data = load_data_from_args(args, model, tokenizer)
+    data = load_data_from_args(args, model, tokenizer, recipe)
     splits = {name: first_pairs(data.splits[name], args.max_pairs) for name in args.splits.split(",") if name}
     for split, pairs in splits.items():
         if split != "train":
             for update in updates.values():
                 check_held_out(update, pairs, name=f"split {split!r}", allow_overlap=args.allow_overlap)
-    rendering = Rendering.parse(_rendering_arg(args.rendering)) if args.rendering else \
-        common_rendering(updates) or Rendering.parse(None)
-    settings = {"model": args.model, "dtype": args.dtype, "dataset": data.record()}
+    recipe = resolve_recipe(recipe, model, tokenizer, data, updates=updates)
+    settings = {"model": args.model, "dtype": args.dtype, "dataset": data.record(), "recipe": recipe.to_dict()}
     result = run_sweep(model, tokenizer, updates, splits, config, args.out, settings=settings,
-                       encoder=PairEncoder(tokenizer, rendering, max_length=config.max_length))
+                       encoder=recipe.encoder(tokenizer))
     print(f"sweep: {result.out_dir} ({result.rows_computed} rows computed, {result.rows_reused} reused, "
           f"{result.seconds:.0f} s)")
     if args.report:
@@ -442,6 +457,7 @@ def _register_generate_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--multipliers", default=None, help="comma-separated grid (default: per form)")
     p.add_argument("--max-pairs", type=int, default=None, help="evaluate at most this many pairs per part")
     _add_rendering_arg(p, "default: the one the update was trained with")
+    _add_max_length_arg(p)
     p.add_argument("--allow-overlap", action="store_true",
                    help="evaluate even if the update was trained on some of the evaluation pairs (warns)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -470,19 +486,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.storage import load_update
     from .engine.updates import default_grid
-    from .workflow import evaluate_choices
+    from .workflow import evaluate_choices, resolve_recipe
 
     _fields(args)  # a malformed --fields fails before the model loads
-    rendering_arg = _rendering_arg(args.rendering)
+    recipe, _ = recipe_from_args(args)
     grid = _parse_floats(args.multipliers) if args.multipliers else None
     model, tokenizer = _load_model(args)
-    update, rendering = _update_and_rendering(args.update, model, rendering_arg)
+    update = load_update(args.update, model) if args.update else None
     grid = grid or (default_grid(update.spec.form) if update is not None else [0.0])
-    data = load_data_from_args(args, model, tokenizer)
-    result = evaluate_choices(model, tokenizer, data, update, grid, rendering=rendering, max_pairs=args.max_pairs,
+    data = load_data_from_args(args, model, tokenizer, recipe)
+    recipe = resolve_recipe(recipe, model, tokenizer, data, updates={} if update is None else {"update": update})
+    result = evaluate_choices(model, tokenizer, data, update, grid, recipe=recipe, max_pairs=args.max_pairs,
                               allow_overlap=args.allow_overlap)
-    print(f"rendering {rendering.to_dict()}")
+    print(f"rendering {recipe.rendering.to_dict()}")
     if result.selection is not None:
         print("dev scores by multiplier:")
         for row in result.dev.rows():
@@ -537,15 +555,15 @@ def _register_layers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from .engine.architecture import model_structure
-    from .workflow import resolve_rendering, scan_layers
+    from .workflow import resolve_recipe, scan_layers
 
     _fields(args)  # a malformed --fields fails before the model loads
-    rendering_arg = _rendering_arg(args.rendering)
+    recipe, _ = recipe_from_args(args, trains=True)
     model, tokenizer = _load_model(args)
     num_layers = model_structure(model).num_layers
     layers = [int(v) for v in _parse_floats(args.layers)] if args.layers else list(range(1, num_layers, 2))
-    data = load_data_from_args(args, model, tokenizer)
-    rendering, _ = resolve_rendering(model, tokenizer, rendering_arg, data.splits.train)
+    data = load_data_from_args(args, model, tokenizer, recipe)
+    recipe = resolve_recipe(recipe, model, tokenizer, data)
 
     def line(score) -> str:
         return (f"{score.stage:5s} layer {score.layer:3d}: dev AUC {score.auc_toward:.2f} toward / "
@@ -556,7 +574,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         print(f"{line(score)} ({score.seconds:.0f} s)", file=sys.stderr)
 
     scan = scan_layers(model, tokenizer, data, layers, out_dir=args.out, objective=args.objective,
-                       pairs=args.pairs, rendering=rendering, dev_pairs=args.dev_pairs, refine=args.refine,
+                       pairs=args.pairs, recipe=recipe, dev_pairs=args.dev_pairs, refine=args.refine,
                        callback=report)
     print("screened (cheap update), best AUC spread first:")
     for score in scan.screened:
@@ -702,6 +720,7 @@ def _register_judge(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
+    from .engine.storage import load_update
     from .judged import (
         JudgeRunConfig,
         judge_prompts,
@@ -710,7 +729,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
         resolve_rubric,
         small_grid,
     )
-    from .workflow import check_held_out
+    from .workflow import check_held_out, resolve_recipe
 
     multipliers = _parse_floats(args.multipliers) if args.multipliers else None
     config = JudgeRunConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env,
@@ -721,16 +740,17 @@ def cmd_judge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config.judge_config(out / "responses.jsonl", progress=False)  # a bad URL or unset key fails before loading
     _fields(args)
-    rendering_arg = _rendering_arg(args.rendering)
+    recipe, _ = recipe_from_args(args)
     model, tokenizer = _load_model(args)
-    update, rendering = _update_and_rendering(args.update, model, rendering_arg)
-    data = load_data_from_args(args, model, tokenizer)
+    update = load_update(args.update, model) if args.update else None
+    data = load_data_from_args(args, model, tokenizer, recipe)
+    recipe = resolve_recipe(recipe, model, tokenizer, data, updates={} if update is None else {"update": update})
     if update is not None and len(data.splits[args.split]):
         check_held_out(update, data.splits[args.split], name=f"the {args.split} split")
     name = update_name(args.update)[0] if args.update else "vanilla"
     grid = multipliers or small_grid(update.spec.form if update is not None else None)
     record = judge_update(model, tokenizer, update, judge_prompts(data, args.split, args.max_prompts), grid, config,
-                          rubric=rubric, out_dir=out, name=name, rendering=rendering, split=args.split,
+                          rubric=rubric, out_dir=out, name=name, recipe=recipe, split=args.split,
                           multiplier_source="--multipliers" if multipliers else "default grid")
     metric = primary_metric(record)
     low, high = record["scale"]
