@@ -256,3 +256,26 @@ def test_stop_token_ids_is_the_one_stop_rule():
     without = [f"{path.relative_to(PACKAGE)}:{node.lineno}" for path, node in _calls("stop_token_ids")
                if len(node.args) < 2 and not any(k.arg == "turn_end" for k in node.keywords)]
     assert not without, "stop_token_ids called without the rendering's turn end: " + ", ".join(without)
+
+
+def test_the_recipe_builds_the_encoders_of_the_top_floor():
+    """The run's settings were once carried by hand and `PairEncoder(...)` built in a dozen places of the
+    CLI, workflow, pipeline and API, some forgetting `max_length` (`--set max_length=N` reached training only,
+    and the sweep and evaluation of a run scored whole sequences). In the modules on top of the subpackages an
+    encoder now comes from `Recipe.encoder` (`recipe.encoder(tokenizer)`), except the candidates that
+    `choose_rendering` measures. Library functions below keep their `encoder=None` defaults for direct callers."""
+    allowed = {
+        ("recipe.py", "encoder"): "the recipe's one encoder: its rendering, its max_length",
+        ("workflow.py", "choose_rendering"): "the candidate renderings measured before there is a recipe",
+    }
+    offenders = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        owner = _enclosing_functions(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if called == "PairEncoder" and (path.name, owner[node]) not in allowed:
+                    offenders.append(f"{path.name}:{node.lineno} {owner[node] or '<module>'}()")
+    assert not offenders, "PairEncoder built outside the recipe: " + ", ".join(offenders)
