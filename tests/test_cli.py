@@ -77,10 +77,12 @@ def test_pipeline_end_to_end_tiny(capsys, tmp_path, default_model):
     assert summary["matched_utility_by_form"].keys() <= {"vector"}
     rendering = json.loads((run / "rendering.json").read_text())
     assert rendering["chosen_by"] == "measurement" and rendering["rendering"]["completion_space"] == "join"
-    assert rendering["rendering"]["instruction"] == "Answer with Yes or No."
+    # The instruction is measured and recorded, not appended (it cost steering: docs/FIDELITY.md).
+    assert "instruction" not in rendering["rendering"]
+    assert {c["instruction"] for c in rendering["candidates"]} == {"", "Answer with Yes or No."}
     finding = report.split("Table 3")[0]  # the demo says why it renders as it does
-    assert "Rendering (measured, measurement): every question ends with" in finding
-    assert "Answer with Yes or No." in finding.split("Rendering (measured")[1]
+    assert "Rendering (measurement): the questions as written" in finding
+    assert "Answer with Yes or No." in finding.split("Rendering (measurement)")[1]
     trained = json.loads((run / "cells" / "split-vector" / "update" / "update.json").read_text())["spec"]["training"]
     assert len(trained["data"]["pair_ids"]) == 8 and trained["encoder"]["rendering"]["name"] == "measured"
     stamp = (run / "cells" / "split-vector" / "update" / "update.safetensors").stat().st_mtime_ns

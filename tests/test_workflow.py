@@ -99,7 +99,10 @@ def test_choose_rendering_picks_the_spelling_the_model_finds_likelier():
     assert instructions == {"", "Answer with Yes or No."}
     best = {i: min((c for c in choice.candidates if c.instruction == i), key=lambda c: c.answer_nll)
             for i in instructions}
-    assert choice.rendering.instruction == max(best, key=lambda i: (best[i].in_format, i == ""))
+    assert choice.rendering.instruction == ""  # measured and recorded, appended only when asked for
+    assert any("not appended" in note for note in choice.notes)
+    preferred = choose_rendering(model, tokenizer, pairs, sample=6, prefer_instruction=True)
+    assert preferred.rendering.instruction == max(best, key=lambda i: (best[i].in_format, i == ""))
     for candidate in choice.candidates:
         assert 0 < candidate.in_format < 1 and math.isfinite(candidate.util_odds)
 

@@ -282,11 +282,15 @@ def _rendering_finding(out: Path) -> list[str]:
         return []
     record = read_json(path)
     instruction = record.get("rendering", {}).get("instruction")
-    if not instruction:
+    if instruction:
+        return [f"Rendering ({record.get('chosen_by')}): every question ends with {instruction!r} — "
+                + "; ".join(record.get("notes", [])) + ". Utility at m = 0 then measures a model that answers in "
+                "format, as the paper's larger models do when asked."]
+    skipped = [note for note in record.get("notes", []) if "not appended" in note]
+    if not skipped:
         return []
-    return [f"Rendering (measured, {record.get('chosen_by')}): every question ends with {instruction!r} — "
-            + "; ".join(record.get("notes", [])) + ". Utility at m = 0 then measures a model that answers in "
-            "format, as the paper's larger models do when asked."]
+    return [f"Rendering ({record.get('chosen_by')}): the questions as written — {skipped[0]}. Utility at m = 0 is "
+            "therefore low: the plain model rarely answers in this format unasked."]
 
 
 def _run_settings(out: Path, summary: dict[str, Any]) -> list[list[Any]]:

@@ -97,26 +97,29 @@ class RenderingChoice:
                 "util_odds_at_zero": None if chosen is None else chosen.util_odds}
 
 
-RENDERING_RULE = ("per instruction (none, or the answer format the pairs share), the completion_space with the "
-                  "lower mean answer NLL under the plain model; then the instruction under which the plain model "
-                  "puts more mass on the two answers (P(positive) + P(negative)), so that utility at m = 0 "
-                  "measures the model answering in format; end-of-turn appended when its mean NLL after the "
-                  "answer is below ln 2")
+RENDERING_RULE = ("the completion_space with the lower mean answer NLL under the plain model, without an "
+                  "instruction; an answer-format instruction the pairs share is measured beside it (P(positive) + "
+                  "P(negative) with and without) but appended only when `prefer_instruction` is set: on two persona "
+                  "traits it raised that mass from 0.08 to 0.6 yet cost steering (docs/FIDELITY.md); end-of-turn "
+                  "appended when its mean NLL after the answer is below ln 2")
 
 
 @torch.no_grad()
 def choose_rendering(model: nn.Module, tokenizer: Any, pairs: PairDataset | Sequence[PolarityPair], *,
                      sample: int = RENDERING_SAMPLE, max_length: int = 512, batch_size: int = 16,
-                     plain_format: str = "{prompt}") -> RenderingChoice:
-    """Pick the rendering under which the plain model answers in format and finds the answers most natural.
+                     plain_format: str = "{prompt}", prefer_instruction: bool = False) -> RenderingChoice:
+    """Pick the rendering under which the plain model finds the answers most natural.
 
     On the first `sample` pairs (train pairs: never the held-out ones), the plain model scores both
     completions under each candidate: without an instruction and, where every completion is one of a few
     short answers, with `answer_format_instruction` appended to the user turn; each with the completions'
     leading whitespace kept as written and joined to the prompt (see `Rendering`), followed by the
-    end-of-turn suffix. Per instruction the spelling with the lower answer NLL wins; between instructions,
-    the one with more mass on the two answers. SmolLM2 on persona questions: P(Yes) + P(No) is 0.07 as
-    written and about 0.6 with "Answer with Yes or No."; " No" after "assistant\n" costs ~12.6 nats, "No" ~2.6.
+    end-of-turn suffix. Per instruction the spelling with the lower answer NLL wins. The instruction is
+    measured and recorded but used only with `prefer_instruction` (then the candidate with more mass on the
+    two answers wins): on SmolLM2 it lifts P(Yes) + P(No) on persona questions from 0.07 to about 0.6, and
+    the vectors trained with it steered less on both traits measured (psychopathy 0.89 / 0.13 → 0.74 / 0.31,
+    narcissism 0.69 / 0.22 → 0.46 / 0.33; their steered answers collapse onto the instruction's "Yes").
+    " No" after "assistant\n" costs ~12.6 nats, "No" ~2.6.
     """
     chosen_pairs = list(pairs)[:sample]
     if not chosen_pairs:
@@ -136,7 +139,7 @@ def choose_rendering(model: nn.Module, tokenizer: Any, pairs: PairDataset | Sequ
             measured.append(_measure_candidate(model, encoder, chosen_pairs, batch_size))
         candidates.extend(measured)
         best[instruction] = min(measured, key=lambda c: (c.answer_nll, c.completion_space != "join"))
-    winner = max(best.values(), key=lambda c: (c.in_format, c.instruction == ""))
+    winner = max(best.values(), key=lambda c: (c.in_format, c.instruction == "")) if prefer_instruction else best[""]
     end_of_turn = winner.end_of_turn_nll < END_OF_TURN_MAX_NLL
     rendering = Rendering(completion_space=winner.completion_space, end_of_turn=end_of_turn,
                           plain_format=plain_format, name="measured", instruction=winner.instruction)
@@ -149,9 +152,14 @@ def choose_rendering(model: nn.Module, tokenizer: Any, pairs: PairDataset | Sequ
         notes.append(f"{derived!r} appended: the plain model's mass on the two answers rises from "
                      f"{plain.in_format:.2f} to {winner.in_format:.2f} (UtilOdds at m = 0 {plain.util_odds:+.2f} → "
                      f"{winner.util_odds:+.2f})")
-    elif derived:
+    elif derived and prefer_instruction:
         notes.append(f"{derived!r} measured and not used: it does not raise the mass on the two answers "
                      f"({best[derived].in_format:.2f} vs {winner.in_format:.2f} without)")
+    elif derived:
+        notes.append(f"{derived!r} measured and not appended: it would raise the plain model's mass on the two "
+                     f"answers from {winner.in_format:.2f} to {best[derived].in_format:.2f}, but steering trained "
+                     "with it was weaker on both persona traits measured (docs/FIDELITY.md); set rendering.instruction "
+                     "to use it")
     else:
         notes.append("no answer-format instruction: the completions are not a few short fixed answers")
     answer_nll = {c.completion_space: c.answer_nll for c in same_instruction}
