@@ -232,8 +232,11 @@ def test_ctrl_c_while_unisteer_imports_is_not_a_traceback():
     # Inside `import torch`, which takes seconds on a cold machine but can finish sooner on a warm, fast one:
     # try shorter delays until the signal lands before the command ends.
     for delay in (0.5, 0.2, 0.05, 0.01):
+        # A terminal delivers Ctrl-C with SIGINT at its default; an ignored SIGINT left in this test process by
+        # an earlier test would be inherited and make the child deaf to it.
         child = subprocess.Popen([sys.executable, "-c", script, "data"], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+                                 stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=60)
